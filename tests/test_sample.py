@@ -1,0 +1,113 @@
+"""sample.generate: exact greedy decoding, shared prefill, early exit, seeds, LoRA/4-bit."""
+import pytest
+import torch
+
+import model as model_lib
+from sample import generate
+
+TEXTS = ["Hello, my name is", "The capital of France is a city that has many", "1 2 3", "Q"]
+
+
+def hf_greedy(m, tok, texts, max_new_tokens, stop_ids):
+    """Reference: HF generate on the same left-padded batch, cut after the first stop token."""
+    enc = tok(texts, return_tensors="pt", padding=True)
+    out = m.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                     eos_token_id=stop_ids or None)
+    result = []
+    for row in out[:, enc["input_ids"].shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))
+        result.append(row[:cut])
+    return result
+
+
+def ours_greedy(m, tok, texts, max_new_tokens, stop_ids, n=1):
+    prompts = [tok(t)["input_ids"] for t in texts]
+    return generate(m, prompts, n=n, max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=stop_ids,
+                    pad_token_id=tok.pad_token_id)
+
+
+def test_greedy_matches_hf_generate_tiny(tiny):
+    m, tok = tiny
+    assert ours_greedy(m, tok, TEXTS, 24, []) == hf_greedy(m, tok, TEXTS, 24, [])
+
+
+def test_greedy_matches_hf_generate_with_stop_tokens_tiny(tiny):
+    m, tok = tiny
+    free = ours_greedy(m, tok, TEXTS, 24, [])
+    stop = [free[0][3], free[2][5]]  # tokens the model really emits, so some rows stop early
+    ours = ours_greedy(m, tok, TEXTS, 24, stop)
+    assert ours == hf_greedy(m, tok, TEXTS, 24, stop)
+    assert len(ours[0]) <= 4 and ours[0][-1] in stop
+
+
+def test_greedy_matches_hf_generate_embedded(smol):
+    m, tok = smol
+    stop = model_lib.stop_token_ids(tok)
+    assert ours_greedy(m, tok, TEXTS[:3], 16, stop) == hf_greedy(m, tok, TEXTS[:3], 16, stop)
+
+
+def test_prefill_shared_and_finished_rows_dropped(tiny):
+    m, tok = tiny
+    batch_sizes = []
+    hook = m.register_forward_pre_hook(lambda mod, args, kw: batch_sizes.append(kw["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    try:
+        free = ours_greedy(m, tok, TEXTS[:2], 12, [], n=3)
+        # a stop token that prompt 0 emits at some step k >= 1 and prompt 1 never emits
+        k = next(k for k in range(1, 12) if free[0][k] not in free[0][:k] + free[3])
+        batch_sizes.clear()
+        ours = ours_greedy(m, tok, TEXTS[:2], 12, [free[0][k]], n=3)
+    finally:
+        hook.remove()
+    assert batch_sizes[0] == 2          # one prefill per prompt, not per sample
+    assert batch_sizes[1] == 6          # then n rows per prompt
+    assert min(batch_sizes[1:]) == 3    # prompt 0's three samples stopped after k + 1 tokens
+    assert len(batch_sizes) == 12 and batch_sizes.count(6) == k  # tokens 1..k came from 6-row steps
+    assert [len(o) for o in ours[:3]] == [k + 1] * 3
+    # greedy samples of one prompt are identical, and prompt-major
+    assert ours[3] == ours[4] == ours[5] == free[3]
+
+
+def test_sampling_reproducible_under_seed(tiny):
+    m, tok = tiny
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    a = generate(m, prompts, n=4, max_new_tokens=10, temperature=1.0, seed=7, pad_token_id=tok.pad_token_id)
+    b = generate(m, prompts, n=4, max_new_tokens=10, temperature=1.0, seed=7, pad_token_id=tok.pad_token_id)
+    c = generate(m, prompts, n=4, max_new_tokens=10, temperature=1.0, seed=8, pad_token_id=tok.pad_token_id)
+    assert a == b and a != c
+    assert len(a) == 16 and all(len(x) == 10 for x in a)
+
+
+def test_tiny_top_p_is_greedy(tiny):
+    m, tok = tiny
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    nucleus = generate(m, prompts, max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=0,
+                       pad_token_id=tok.pad_token_id)
+    assert nucleus == generate(m, prompts, max_new_tokens=8, temperature=0, pad_token_id=tok.pad_token_id)
+
+
+def test_ignore_stop_gives_fixed_length(tiny):
+    m, tok = tiny
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    every_token = list(range(len(tok)))
+    outs = generate(m, prompts, n=2, max_new_tokens=5, temperature=1.0, seed=0, stop_token_ids=every_token,
+                    ignore_stop=True, pad_token_id=tok.pad_token_id)
+    assert [len(o) for o in outs] == [5] * 8
+    stopped = generate(m, prompts, n=2, max_new_tokens=5, temperature=1.0, seed=0, stop_token_ids=every_token,
+                       pad_token_id=tok.pad_token_id)
+    assert [len(o) for o in stopped] == [1] * 8
+
+
+def test_4bit_lora_forward_backward_and_sampling_on_cpu(tiny_model_dir):
+    m, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, load_in_4bit=True, device="cpu")
+    assert any("Linear4bit" in type(mod).__name__ for mod in m.modules())
+    trainable, total = model_lib.count_parameters(m)
+    assert 0 < trainable < total
+    ids = torch.tensor([tok("a b c d e f")["input_ids"]])
+    loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in m.named_parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    outs = generate(m, [ids[0].tolist()], n=2, max_new_tokens=4, temperature=1.0, seed=0,
+                    pad_token_id=tok.pad_token_id)
+    assert len(outs) == 2 and all(len(o) == 4 for o in outs)

@@ -1,0 +1,599 @@
+"""Verifiers: one pure function per task, `(completion_text, example) -> Verdict`.
+
+Every reward in the project comes from here, so these are strict, exact and safe on hostile
+input: no eval, exact rational arithmetic, capped input sizes, regexes that cannot backtrack
+badly, and model-written code runs only in a separate, resource-limited process (see `code`).
+Standard library only.
+"""
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from functools import lru_cache
+
+
+@dataclass(frozen=True)
+class Verdict:
+    correct: bool
+    error: str | None = None  # category; None when correct
+    message: str = ""         # human-readable feedback (environment feedback for Re-ReST)
+
+
+def _fail(error: str, message: str) -> Verdict:
+    return Verdict(False, error, message)
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# ----------------------------------------------------------------------------- countdown
+
+MAX_EXPR_CHARS = 1000   # a real answer is a few dozen characters; longer is not an answer
+MAX_PAREN_DEPTH = 32    # keeps the recursive-descent parser far from Python's recursion limit
+_UNICODE_OPS = {"×": "*", "÷": "/", "−": "-"}
+
+
+class _Invalid(Exception):
+    """The expression is not a legal Countdown equation (message says why)."""
+
+
+def _last_tag(text: str, open_tag: str, close_tag: str) -> str | None:
+    # rfind, not a regex, so megabyte completions cost one linear scan
+    end = text.rfind(close_tag)
+    start = text.rfind(open_tag, 0, end) if end >= 0 else -1
+    return None if start < 0 else text[start + len(open_tag):end]
+
+
+def _tokenize(expr: str) -> list:
+    tokens, i = [], 0
+    while i < len(expr):
+        ch = _UNICODE_OPS.get(expr[i], expr[i])
+        if ch in "0123456789":
+            j = i
+            while j < len(expr) and expr[j] in "0123456789":
+                j += 1
+            if j < len(expr) and expr[j] == ".":
+                raise _Invalid("decimal numbers are not allowed; use the given integers")
+            tokens.append(int(expr[i:j]))
+            i = j
+            continue
+        if ch == "^" or (ch == "*" and expr[i + 1:i + 2] == "*"):
+            raise _Invalid("exponentiation is not allowed; use only + - * /")
+        if ch == ".":
+            raise _Invalid("decimal numbers are not allowed; use the given integers")
+        if ch == "=":
+            raise _Invalid("write only the expression, without '='")
+        if ch in "+-*/()":
+            tokens.append(ch)
+        elif not ch.isspace():
+            raise _Invalid(f"illegal character {ch!r}; use only integers, + - * / and parentheses")
+        i += 1
+    return tokens
+
+
+class _Parser:
+    """expr := term (('+'|'-') term)* ; term := factor (('*'|'/') factor)* ;
+    factor := INTEGER | '(' expr ')'. Evaluates with Fractions and records the numbers used.
+    Unary minus/plus is rejected: the game combines the given numbers with binary operations."""
+
+    def __init__(self, tokens):
+        self.tokens, self.pos, self.numbers = tokens, 0, []
+
+    def peek(self):
+        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
+
+    def take(self):
+        token = self.peek()
+        self.pos += 1
+        return token
+
+    def expr(self, depth: int) -> Fraction:
+        value = self.term(depth)
+        while self.peek() in ("+", "-"):
+            op, rhs = self.take(), self.term(depth)
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def term(self, depth: int) -> Fraction:
+        value = self.factor(depth)
+        while self.peek() in ("*", "/"):
+            op, rhs = self.take(), self.factor(depth)
+            if op == "/" and rhs == 0:
+                raise _Invalid("division by zero")
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def factor(self, depth: int) -> Fraction:
+        token = self.take()
+        if isinstance(token, int):
+            self.numbers.append(token)
+            return Fraction(token)
+        if token == "(":
+            if depth >= MAX_PAREN_DEPTH:
+                raise _Invalid("parentheses nested too deeply")
+            value = self.expr(depth + 1)
+            if self.take() != ")":
+                raise _Invalid("unbalanced parentheses")
+            return value
+        if token in ("+", "-"):
+            raise _Invalid(f"unary {token!r} is not allowed; combine the numbers as given")
+        if token is None:
+            raise _Invalid("expression ends too early")
+        raise _Invalid(f"unexpected {token!r}")
+
+
+def countdown(text: str, example: dict) -> Verdict:
+    """Last <answer>...</answer> must use every number in example["nums"] exactly once and
+    equal example["target"] exactly."""
+    body = _last_tag(text, "<answer>", "</answer>")
+    if body is None:
+        return _fail("format", "no <answer> ... </answer> tag found")
+    expr = body.strip()
+    if not expr:
+        return _fail("invalid_equation", "the answer tag is empty")
+    if len(expr) > MAX_EXPR_CHARS:
+        return _fail("invalid_equation", f"expression longer than {MAX_EXPR_CHARS} characters")
+    try:
+        parser = _Parser(_tokenize(expr))
+        value = parser.expr(0)
+        if parser.peek() is not None:
+            raise _Invalid(f"unexpected {parser.peek()!r}")
+    except _Invalid as e:
+        return _fail("invalid_equation", str(e))
+    nums, target = sorted(int(n) for n in example["nums"]), Fraction(example["target"])
+    if sorted(parser.numbers) != nums:
+        return _fail("wrong_numbers",
+                     f"used numbers {sorted(parser.numbers)} but must use {nums} exactly once")
+    if value != target:
+        return _fail("missed_target", f"expression equals {value}, target is {target}")
+    return Verdict(True)
+
+
+# ----------------------------------------------------------------------------- function calling
+
+MAX_CALL_CHARS = 100_000
+_JSON_START = re.compile(r"[\[{]")
+
+
+def _json_values(text: str, max_failures: int = 32) -> list:
+    """Top-level JSON values found in free text, in order (prose and code fences are skipped)."""
+    decoder, values, pos, failures = json.JSONDecoder(), [], 0, 0
+    while failures < max_failures and (m := _JSON_START.search(text, pos)):
+        try:
+            value, pos = decoder.raw_decode(text, m.start())
+            values.append(value)
+        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
+            failures, pos = failures + 1, m.start() + 1
+    return values
+
+
+def _looks_like_calls(value) -> bool:
+    items = value if isinstance(value, list) else [value]
+    return all(isinstance(item, dict) and "name" in item for item in items)
+
+
+def _model_calls(text: str):
+    """The last JSON call list in the completion, or an error message string."""
+    if len(text) > MAX_CALL_CHARS:
+        return f"completion longer than {MAX_CALL_CHARS} characters"
+    values = [v for v in _json_values(text) if _looks_like_calls(v)]
+    if not values:
+        return 'no JSON list of {"name": ..., "arguments": {...}} calls found'
+    calls = values[-1] if isinstance(values[-1], list) else [values[-1]]
+    for call in calls:
+        if not isinstance(call["name"], str) or not isinstance(call.get("arguments"), dict):
+            return f"call {_clip(json.dumps(call))} needs a string name and an arguments object"
+    return [(call["name"], call["arguments"]) for call in calls]
+
+
+def _maybe_json(value):
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def _equal(a, b) -> bool:
+    """JSON equality where 3 == 3.0 but True != 1 and "3" != 3."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def _fits_option(value, option) -> bool:
+    # BFCL nests: a dict option maps each key to its own list of allowed values (a bare value
+    # means just that value); a list option is matched item by item.
+    if isinstance(option, dict) and isinstance(value, dict):
+        spec = {k: v if isinstance(v, list) else [v] for k, v in option.items()}
+        return _argument_problem(value, spec, bfcl=True) is None
+    if isinstance(option, list) and isinstance(value, list):
+        return len(option) == len(value) and all(map(_fits_option, value, option))
+    return _equal(value, option)
+
+
+def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
+    """Why `args` differs from the gold arguments; None when they match. In BFCL form each gold
+    argument lists its allowed values, and "" among them means it may be left out."""
+    for key in args:
+        if key not in gold:
+            return f"unexpected argument {key!r}"
+    for key, want in gold.items():
+        if key not in args:
+            if bfcl and "" in want:
+                continue
+            return f"missing argument {key!r}"
+        if bfcl and not any(_fits_option(args[key], option) for option in want):
+            allowed = [option for option in want if option != ""]
+            return (f"argument {key!r} is {_clip(json.dumps(args[key]))}, "
+                    f"expected one of {_clip(json.dumps(allowed))}")
+        if not bfcl and not _equal(args[key], want):
+            return (f"argument {key!r} is {_clip(json.dumps(args[key]))}, "
+                    f"expected {_clip(json.dumps(want))}")
+    return None
+
+
+def _perfect_matching(fits: list[list[bool]]) -> bool:
+    """Can every model call be paired with a distinct gold call it fits (Kuhn's algorithm)?"""
+    owner = {}  # gold index -> model index
+
+    def place(i, seen):
+        for j, ok in enumerate(fits[i]):
+            if ok and j not in seen:
+                seen.add(j)
+                if j not in owner or place(owner[j], seen):
+                    owner[j] = i
+                    return True
+        return False
+
+    return all(place(i, set()) for i in range(len(fits)))
+
+
+def function_call(text: str, example: dict) -> Verdict:
+    """Calls must equal the gold calls as a multiset: same names, same argument names and values.
+    Gold is xlam form (example["answers"]: [{name, arguments}]) or BFCL form
+    (example["ground_truth"]: [{name: {arg: [allowed values]}}])."""
+    calls = _model_calls(text)
+    if isinstance(calls, str):
+        return _fail("format", calls)
+    bfcl = "ground_truth" in example
+    if bfcl:
+        gold = [item for entry in _maybe_json(example["ground_truth"]) for item in entry.items()]
+    else:
+        gold = [(a["name"], _maybe_json(a["arguments"])) for a in _maybe_json(example["answers"])]
+    names, gold_names = sorted(n for n, _ in calls), sorted(n for n, _ in gold)
+    if names != gold_names:  # multisets of tool names differ
+        return _fail("wrong_tool", f"called {names} but expected {gold_names}")
+    fits = [[name == g_name and _argument_problem(args, g_args, bfcl) is None
+             for g_name, g_args in gold] for name, args in calls]
+    if _perfect_matching(fits):
+        return Verdict(True)
+    for j, (g_name, g_args) in enumerate(gold):  # report the first gold call nobody fits
+        if not any(row[j] for row in fits):
+            args = next(args for name, args in calls if name == g_name)
+            return _fail("wrong_arguments", f"{g_name}: {_argument_problem(args, g_args, bfcl)}")
+    return _fail("wrong_arguments", "the calls do not match the expected arguments one-to-one")
+
+
+# ----------------------------------------------------------------------------- math
+
+MAX_ANSWER_CHARS = 1000
+_ANSWER_TAIL = 10_000  # answer sentences are looked for only this far from the end
+_ANSWER_SENTENCE = re.compile(r"(?:final answer|the answer)\s*(?:is|:|=)\s*:?(?=([^\n]*))", re.I)
+_GSM8K_ANSWER = re.compile(r"####(?=([^\n]*))")
+_TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
+_NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+_FRAC = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}")
+_LATEX_NOISE = [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
+                ("\\displaystyle", ""), ("\\!", ""), ("\\,", ""), ("\\;", ""), ("\\:", ""),
+                ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("°", ""), ("\\%", ""),
+                ("%", ""), ("\\$", ""), ("$", "")]
+
+
+def _last_boxed(text: str) -> str | None:
+    end = len(text)
+    for _ in range(5):  # a few tries: the last \boxed may be cut off
+        start = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
+        if start < 0:
+            return None
+        i = start + (6 if text.startswith("\\boxed", start) else 5)
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if text[i:i + 1] != "{":  # "\boxed 5": up to the next space or $
+            return re.match(r"[^\s$]*", text[i:i + MAX_ANSWER_CHARS]).group() or None
+        depth = 0  # an answer longer than MAX_ANSWER_CHARS is no answer: scan no further
+        for j in range(i, min(len(text), i + MAX_ANSWER_CHARS + 2)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                return text[i + 1:j]
+        end = start
+    return None
+
+
+def _final_answer(text: str) -> str | None:
+    boxed = _last_boxed(text)
+    if boxed is not None:
+        return boxed
+    tail = text[-_ANSWER_TAIL:]
+    for pattern in (_GSM8K_ANSWER, _ANSWER_SENTENCE):
+        matches = list(pattern.finditer(tail))
+        if matches:
+            found = matches[-1].group(1).strip()
+            math_span = re.search(r"\$([^$]+)\$", found)
+            return math_span.group(1) if math_span else re.split(r"\.\s", found)[0]
+    return None
+
+
+def _normalize(answer: str) -> str:
+    dropped = _TEXT_GROUP.sub("", answer)  # units after a value go; a text-only answer stays
+    answer = dropped if dropped.strip() else _TEXT_GROUP.sub(r"\1", answer)
+    for old, new in _LATEX_NOISE:
+        answer = answer.replace(old, new)
+    answer = "".join(answer.split()).strip("*").rstrip(".")
+    answer = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", answer)
+    answer = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", answer)
+    if answer.count("=") == 1 and re.match(r"[A-Za-z]\w*=", answer):  # "x=5" -> "5"
+        answer = answer.split("=")[1]
+    if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", answer):  # "1,000" but not "(1,2)"
+        answer = answer.replace(",", "")
+    return answer
+
+
+def _as_number(answer: str) -> Fraction | None:
+    # own regexes, not Fraction(str): "1e999999999" would make Fraction compute 10**999999999
+    try:
+        if _NUMBER.fullmatch(answer):
+            return Fraction(answer)
+        if m := re.fullmatch(r"(-?\d+)/(-?\d+)", answer):
+            return Fraction(int(m[1]), int(m[2]))
+        if m := _FRAC.fullmatch(answer):
+            return (-1 if m[1] else 1) * Fraction(m[2]) / Fraction(m[3])
+    except (ValueError, ZeroDivisionError):
+        pass
+    return None
+
+
+def math(text: str, example: dict) -> Verdict:
+    """Final answer (last \\boxed{}, else "#### x", else "the (final) answer is x") must equal
+    example["answer"] after LaTeX normalisation, or as a number."""
+    found = _final_answer(text)
+    if found is None or not found.strip():
+        return _fail("format", "no final answer found (put it in \\boxed{...})")
+    gold = str(example["answer"])
+    gold = gold.rsplit("####", 1)[-1] if "####" in gold else gold  # a full GSM8K solution
+    if len(found) > MAX_ANSWER_CHARS:
+        return _fail("wrong_answer", f"final answer longer than {MAX_ANSWER_CHARS} characters")
+    ours, theirs = _normalize(found), _normalize(gold)
+    if ours == theirs:
+        return Verdict(True)
+    a, b = _as_number(ours), _as_number(theirs)
+    if a is not None and a == b:
+        return Verdict(True)
+    return _fail("wrong_answer", f"final answer {_clip(found.strip())} is not correct")
+
+
+# ----------------------------------------------------------------------------- code
+
+MAX_PROGRAM_CHARS = 100_000
+_FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)```", re.S)  # disjoint classes: no blow-up
+
+# The runner is the first code in the child process. It reads the whole job (program, tests,
+# nonce) from stdin before any model code runs, so no file or pipe holds the nonce afterwards;
+# prints the nonce only if the tests ran to their end; and exits with os._exit, so exit hooks
+# set by the program cannot run after it. Exit codes: 2 AssertionError, 3 other exception,
+# 4 early SystemExit, 5 a returned object that fakes comparisons.
+_RUNNER = r'''
+import builtins, functools, io, itertools, json, linecache, os, resource, sys, traceback, types
+
+class SpoofError(Exception):
+    pass
+
+RISKY = {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__",
+         "__abs__", "__sub__", "__rsub__", "__float__", "__round__", "__iter__", "__contains__",
+         "__getattr__", "__getattribute__"}
+
+def reject_spoofs(value):
+    stack, budget = [value], 10000
+    while stack and budget > 0:
+        item, budget = stack.pop(), budget - 1
+        for cls in type(item).__mro__:
+            if cls.__module__ == "__solution__" and RISKY & cls.__dict__.keys():
+                raise SpoofError(f"returned a {type(item).__name__} object that overrides "
+                                 "comparison or arithmetic; return built-in values only")
+        if isinstance(item, dict):
+            stack.extend(itertools.islice(itertools.chain(item, item.values()), budget))
+        elif isinstance(item, (list, tuple, set, frozenset)):
+            stack.extend(itertools.islice(item, budget))
+
+def checked(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        reject_spoofs(result)
+        return result
+    return wrapper
+
+def guard(root):
+    """Disable destructive functions and writes outside the work dir: a seat belt against
+    accidents, not a wall against a determined attacker (the OS limits are the wall)."""
+    def blocked(*args, **kwargs):
+        raise PermissionError("disabled in the sandbox")
+    for module in (os, sys.modules["posix"]):
+        for name in ("system", "kill", "killpg", "fork", "forkpty", "popen", "remove", "unlink",
+                     "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
+                     "chown", "lchown", "fchmod", "fchown", "link", "symlink", "chdir", "chroot",
+                     "execv", "execve", "spawnv", "spawnve", "posix_spawn", "posix_spawnp",
+                     "setuid", "setgid", "mkfifo", "mknod"):
+            if hasattr(module, name):
+                setattr(module, name, blocked)
+    import shutil, subprocess
+    shutil.rmtree = shutil.move = shutil.chown = subprocess.Popen = blocked
+    resource.setrlimit = blocked
+    real_open = builtins.open
+    def sandbox_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+") and not isinstance(file, int):
+            if not os.path.realpath(file).startswith(root + os.sep):
+                raise PermissionError(f"writing outside the work dir is disabled: {file}")
+        return real_open(file, mode, *args, **kwargs)
+    builtins.open = io.open = sandbox_open
+
+def run(source, filename, namespace):
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    exec(compile(source, filename, "exec"), namespace)
+
+def main():
+    job = json.loads(sys.stdin.read())
+    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+    write, exit_now, nonce = os.write, os._exit, job.pop("nonce").encode()
+    for name, limit in [("RLIMIT_AS", job["memory"]), ("RLIMIT_CPU", job["cpu"]),
+                        ("RLIMIT_FSIZE", 10 ** 7), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)]:
+        try:
+            resource.setrlimit(getattr(resource, name), (limit, limit))
+        except (ValueError, OSError):
+            pass
+    guard(os.path.realpath(os.getcwd()))
+    builtins.exit = builtins.quit = sys.exit  # what `site` would add; python runs with -S
+    # not "__main__": a demo block under `if __name__ == "__main__":` is not part of the answer
+    saved_builtins, namespace = dict(builtins.__dict__), {"__name__": "__solution__"}
+    try:
+        run(job["program"], "<solution>", namespace)
+        builtins.__dict__.clear()  # undo tampering with builtins, tracing and wrap the
+        builtins.__dict__.update(saved_builtins)  # program's functions before the tests run
+        namespace["__builtins__"] = builtins
+        sys.settrace(None)
+        sys.setprofile(None)
+        for name, value in list(namespace.items()):
+            if isinstance(value, types.FunctionType) and value.__code__.co_filename == "<solution>":
+                namespace[name] = checked(value)
+        run(job["tests"], "<tests>", namespace)
+    except BaseException as e:
+        tb = e.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename not in ("<solution>", "<tests>"):
+            tb = tb.tb_next
+        write(2, "".join(traceback.format_exception(type(e), e, tb)).encode(errors="replace"))
+        exit_now(2 if isinstance(e, AssertionError) else 5 if isinstance(e, SpoofError)
+                 else 4 if isinstance(e, SystemExit) else 3)
+    write(1, b"\n" + nonce + b"\n")
+    exit_now(0)
+
+main()
+'''
+
+
+def _extract_program(text: str) -> str:
+    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
+    python = [body for lang, body in blocks if lang in ("python", "py", "python3")]
+    if python or blocks:
+        return (python or [body for _, body in blocks])[-1]
+    if "```" in text:  # an unclosed fence: the generation was cut off inside it
+        return text.rsplit("```", 1)[1].partition("\n")[2]
+    return text
+
+
+@lru_cache(maxsize=1)
+def _sandbox_uid() -> int | None:
+    """When running as root, run model code as `nobody` if that user can start Python here."""
+    if os.name != "posix" or os.geteuid() != 0:
+        return None
+    try:
+        probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], user=65534,
+                               group=65534, extra_groups=[], cwd="/", capture_output=True,
+                               timeout=30)
+        return 65534 if probe.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _tail(file, limit: int) -> str:
+    file.seek(0, os.SEEK_END)
+    file.seek(max(0, file.tell() - limit))
+    return file.read().decode(errors="replace")
+
+
+def _run_sandboxed(program: str, tests: str, timeout: float, memory: int) -> Verdict:
+    nonce = secrets.token_hex(16)
+    job = json.dumps({"program": program, "tests": tests, "nonce": nonce, "memory": memory,
+                      "cpu": int(timeout) + 2}).encode()
+    uid = _sandbox_uid()
+    with tempfile.TemporaryDirectory(prefix="r3_code_", ignore_cleanup_errors=True) as workdir, \
+            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
+        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _RUNNER], stdin=subprocess.PIPE,
+                                stdout=out, stderr=err, cwd=workdir, env=env,
+                                start_new_session=True, **ids)
+        try:
+            proc.communicate(job, timeout=timeout)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:  # kill the whole session: also anything the program forked
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.wait()
+        stdout, stderr = _tail(out, 4096), _tail(err, 1000).strip()
+    code = proc.returncode
+    if timed_out:
+        return _fail("timeout", f"timed out after {timeout:g} s\n{stderr}".strip())
+    if code == 0 and nonce in stdout:
+        return Verdict(True)
+    if code == 0 or code == 4:
+        return _fail("wrong_answer", f"the program exited before the tests finished\n{stderr}".strip())
+    if code in (2, 5):
+        return _fail("wrong_answer", stderr or "a test failed")
+    if code < 0:
+        return _fail("runtime_error", f"killed by signal {-code}\n{stderr}".strip())
+    return _fail("runtime_error", stderr or f"exited with code {code}")
+
+
+def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) -> Verdict:
+    """Run the program and the example's tests in a sandboxed child process.
+
+    HumanEval form: {"prompt", "test", "entry_point"}; the prompt (imports, helpers, signature)
+    always goes first, so the completion may be the function body or the whole function (a
+    full redefinition replaces the prompt's stub). MBPP form: {"test_list", optional
+    "test_setup_code", "test_imports"}. Correct only if the tests run to their end.
+
+    Threat model: the program is untrusted and runs in the same process as the tests. Caught:
+    early exit (exit(), sys.exit, os._exit, before or during tests), printing fake success (the
+    harness wants a random per-run nonce on stdout plus exit code 0, and the nonce lives only in
+    the runner's memory, read from stdin before the program starts), tampering with builtins or
+    sys.settrace (undone before the tests), returned objects of program-defined classes that
+    override __eq__ and friends, forks (RLIMIT_NPROC=0 and the session is killed), sleeps
+    (timeout, then SIGKILL to the process group), memory (RLIMIT_AS), huge files (RLIMIT_FSIZE),
+    and accidental damage outside the temp work dir (destructive os/shutil functions and
+    writing open() are disabled; as root, the child runs as `nobody` when it can). Not caught:
+    a program that deliberately digs the nonce out of the runner's frames or memory, setsid()
+    escapes, or OS-level damage as root when `nobody` cannot run Python. Use a container or VM
+    for untrusted code at scale.
+    """
+    if len(text) > 2 * MAX_PROGRAM_CHARS:
+        return _fail("format", "completion too long")
+    program = _extract_program(text)
+    if not program.strip():
+        return _fail("format", "no code found")
+    if len(program) > MAX_PROGRAM_CHARS:
+        return _fail("format", f"program longer than {MAX_PROGRAM_CHARS} characters")
+    if "test_list" in example:
+        tests = "\n".join([*example.get("test_imports", []), example.get("test_setup_code", ""),
+                           *example["test_list"]])
+    else:
+        program = example.get("prompt", "") + "\n" + program
+        tests = f"{example['test']}\n\ncheck({example['entry_point']})\n"
+    return _run_sandboxed(program, tests, timeout, memory)
+
+
+VERIFIERS = {"countdown": countdown, "function_calling": function_call, "math": math, "code": code}
