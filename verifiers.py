@@ -33,11 +33,19 @@ def _clip(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _show(value) -> str:
+    try:
+        return _clip(json.dumps(value))
+    except (RecursionError, ValueError):  # absurdly nested model output
+        return "<unprintable value>"
+
+
 # ----------------------------------------------------------------------------- countdown
 
 MAX_EXPR_CHARS = 1000   # a real answer is a few dozen characters; longer is not an answer
 MAX_PAREN_DEPTH = 32    # keeps the recursive-descent parser far from Python's recursion limit
 _UNICODE_OPS = {"×": "*", "÷": "/", "−": "-"}
+_TOKEN = re.compile(r"[0-9]*\.[0-9]*|[0-9]+|\*\*|\S")  # decimals are caught to be rejected
 
 
 class _Invalid(Exception):
@@ -52,29 +60,21 @@ def _last_tag(text: str, open_tag: str, close_tag: str) -> str | None:
 
 
 def _tokenize(expr: str) -> list:
-    tokens, i = [], 0
-    while i < len(expr):
-        ch = _UNICODE_OPS.get(expr[i], expr[i])
-        if ch in "0123456789":
-            j = i
-            while j < len(expr) and expr[j] in "0123456789":
-                j += 1
-            if j < len(expr) and expr[j] == ".":
-                raise _Invalid("decimal numbers are not allowed; use the given integers")
-            tokens.append(int(expr[i:j]))
-            i = j
-            continue
-        if ch == "^" or (ch == "*" and expr[i + 1:i + 2] == "*"):
-            raise _Invalid("exponentiation is not allowed; use only + - * /")
-        if ch == ".":
+    tokens = []
+    for token in _TOKEN.findall(expr):
+        token = _UNICODE_OPS.get(token, token)
+        if "." in token:
             raise _Invalid("decimal numbers are not allowed; use the given integers")
-        if ch == "=":
+        if token in ("**", "^"):
+            raise _Invalid("exponentiation is not allowed; use only + - * /")
+        if token == "=":
             raise _Invalid("write only the expression, without '='")
-        if ch in "+-*/()":
-            tokens.append(ch)
-        elif not ch.isspace():
-            raise _Invalid(f"illegal character {ch!r}; use only integers, + - * / and parentheses")
-        i += 1
+        if token[0] in "0123456789":
+            tokens.append(int(token))
+        elif token in "+-*/()":
+            tokens.append(token)
+        else:
+            raise _Invalid(f"illegal character {token!r}; use only integers, + - * / and ( )")
     return tokens
 
 
@@ -186,10 +186,14 @@ def _model_calls(text: str):
     values = [v for v in _json_values(text) if _looks_like_calls(v)]
     if not values:
         return 'no JSON list of {"name": ..., "arguments": {...}} calls found'
-    calls = values[-1] if isinstance(values[-1], list) else [values[-1]]
+    if "<tool_call>" in text:  # Hermes/Qwen style, one call per tag: every tagged call counts
+        calls = [call for v in values for call in (v if isinstance(v, list) else [v])]
+    else:  # otherwise the last call list (or single call object) is the answer; a stray []
+        last = [v for v in values if v != []][-1:] or values[-1:]  # in prose does not count
+        calls = last[0] if isinstance(last[0], list) else last
     for call in calls:
         if not isinstance(call["name"], str) or not isinstance(call.get("arguments"), dict):
-            return f"call {_clip(json.dumps(call))} needs a string name and an arguments object"
+            return f"call {_show(call)} needs a string name and an arguments object"
     return [(call["name"], call["arguments"]) for call in calls]
 
 
@@ -228,17 +232,19 @@ def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
         if key not in gold:
             return f"unexpected argument {key!r}"
     for key, want in gold.items():
+        if bfcl and want == []:  # BFCL writes the value [] as [] instead of [[]] (live_simple_106)
+            want = [[]]
         if key not in args:
             if bfcl and "" in want:
                 continue
             return f"missing argument {key!r}"
         if bfcl and not any(_fits_option(args[key], option) for option in want):
             allowed = [option for option in want if option != ""]
-            return (f"argument {key!r} is {_clip(json.dumps(args[key]))}, "
-                    f"expected one of {_clip(json.dumps(allowed))}")
+            return (f"argument {key!r} is {_show(args[key])}, "
+                    f"expected one of {_show(allowed)}")
         if not bfcl and not _equal(args[key], want):
-            return (f"argument {key!r} is {_clip(json.dumps(args[key]))}, "
-                    f"expected {_clip(json.dumps(want))}")
+            return (f"argument {key!r} is {_show(args[key])}, "
+                    f"expected {_show(want)}")
     return None
 
 
@@ -338,7 +344,7 @@ def _normalize(answer: str) -> str:
     answer = dropped if dropped.strip() else _TEXT_GROUP.sub(r"\1", answer)
     for old, new in _LATEX_NOISE:
         answer = answer.replace(old, new)
-    answer = "".join(answer.split()).strip("*").rstrip(".")
+    answer = re.sub(r"^\*+|[*.]+$", "", "".join(answer.split()))  # markdown bold, final period
     answer = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", answer)
     answer = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", answer)
     if answer.count("=") == 1 and re.match(r"[A-Za-z]\w*=", answer):  # "x=5" -> "5"
@@ -389,33 +395,40 @@ _FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)```", re.S)  # disjoint cla
 # The runner is the first code in the child process. It reads the whole job (program, tests,
 # nonce) from stdin before any model code runs, so no file or pipe holds the nonce afterwards;
 # prints the nonce only if the tests ran to their end; and exits with os._exit, so exit hooks
-# set by the program cannot run after it. Exit codes: 2 AssertionError, 3 other exception,
+# set by the program cannot run after it. Exit codes: 2 a test failed, 3 other exception,
 # 4 early SystemExit, 5 a returned object that fakes comparisons.
 _RUNNER = r'''
-import builtins, functools, io, itertools, json, linecache, os, resource, sys, traceback, types
-
-class SpoofError(Exception):
-    pass
+import builtins, io, json, linecache, os, resource, shutil, subprocess, sys, traceback
+from functools import wraps
+from itertools import chain, islice
+from types import FunctionType  # bound now: the program may patch the modules later
 
 RISKY = {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__",
          "__abs__", "__sub__", "__rsub__", "__float__", "__round__", "__iter__", "__contains__",
          "__getattr__", "__getattribute__"}
 
+class SpoofError(Exception):
+    pass
+
+def spoofs(cls):  # a class from the program that redefines comparison or arithmetic
+    risky = [cls.__dict__[name] for name in RISKY & cls.__dict__.keys()]
+    return bool(risky) and (cls.__module__ == "__solution__" or any(
+        getattr(getattr(f, "__code__", None), "co_filename", "") == "<solution>" for f in risky))
+
 def reject_spoofs(value):
     stack, budget = [value], 10000
     while stack and budget > 0:
         item, budget = stack.pop(), budget - 1
-        for cls in type(item).__mro__:
-            if cls.__module__ == "__solution__" and RISKY & cls.__dict__.keys():
-                raise SpoofError(f"returned a {type(item).__name__} object that overrides "
-                                 "comparison or arithmetic; return built-in values only")
+        if any(spoofs(cls) for cls in type(item).__mro__):
+            raise SpoofError(f"returned a {type(item).__name__} object that overrides "
+                             "comparison or arithmetic; return built-in values only")
         if isinstance(item, dict):
-            stack.extend(itertools.islice(itertools.chain(item, item.values()), budget))
+            stack.extend(islice(chain(item, item.values()), budget))
         elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(itertools.islice(item, budget))
+            stack.extend(islice(item, budget))
 
 def checked(fn):
-    @functools.wraps(fn)
+    @wraps(fn)
     def wrapper(*args, **kwargs):
         result = fn(*args, **kwargs)
         reject_spoofs(result)
@@ -423,28 +436,28 @@ def checked(fn):
     return wrapper
 
 def guard(root):
-    """Disable destructive functions and writes outside the work dir: a seat belt against
-    accidents, not a wall against a determined attacker (the OS limits are the wall)."""
+    """Disable tracing, destructive functions and writes outside the work dir: a seat belt
+    against accidents, not a wall against a determined attacker (the OS limits are the wall)."""
     def blocked(*args, **kwargs):
         raise PermissionError("disabled in the sandbox")
-    for module in (os, sys.modules["posix"]):
-        for name in ("system", "kill", "killpg", "fork", "forkpty", "popen", "remove", "unlink",
-                     "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
-                     "chown", "lchown", "fchmod", "fchown", "link", "symlink", "chdir", "chroot",
-                     "execv", "execve", "spawnv", "spawnve", "posix_spawn", "posix_spawnp",
-                     "setuid", "setgid", "mkfifo", "mknod"):
+    for name in ("system", "kill", "killpg", "fork", "forkpty", "popen", "remove", "unlink",
+                 "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
+                 "chown", "lchown", "fchmod", "fchown", "link", "symlink", "chdir", "chroot",
+                 "execv", "execve", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "setuid",
+                 "setgid", "mkfifo"):
+        for module in (os, sys.modules["posix"]):
             if hasattr(module, name):
                 setattr(module, name, blocked)
-    import shutil, subprocess
     shutil.rmtree = shutil.move = shutil.chown = subprocess.Popen = blocked
-    resource.setrlimit = blocked
+    resource.setrlimit = sys.settrace = sys.setprofile = blocked  # a tracer can skip asserts
     real_open = builtins.open
     def sandbox_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and not isinstance(file, int):
-            if not os.path.realpath(file).startswith(root + os.sep):
-                raise PermissionError(f"writing outside the work dir is disabled: {file}")
+        if any(c in mode for c in "wax+") and not isinstance(file, int) and \
+                not os.path.realpath(file).startswith(root + os.sep):
+            raise PermissionError(f"writing outside the work dir is disabled: {file}")
         return real_open(file, mode, *args, **kwargs)
     builtins.open = io.open = sandbox_open
+    builtins.exit = builtins.quit = sys.exit  # what `site` would add; python runs with -S
 
 def run(source, filename, namespace):
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
@@ -461,27 +474,26 @@ def main():
         except (ValueError, OSError):
             pass
     guard(os.path.realpath(os.getcwd()))
-    builtins.exit = builtins.quit = sys.exit  # what `site` would add; python runs with -S
     # not "__main__": a demo block under `if __name__ == "__main__":` is not part of the answer
     saved_builtins, namespace = dict(builtins.__dict__), {"__name__": "__solution__"}
+    in_tests = False  # an AssertionError in the program itself is a runtime error
     try:
         run(job["program"], "<solution>", namespace)
-        builtins.__dict__.clear()  # undo tampering with builtins, tracing and wrap the
-        builtins.__dict__.update(saved_builtins)  # program's functions before the tests run
+        builtins.__dict__.clear()  # undo any tampering with builtins before the tests run
+        builtins.__dict__.update(saved_builtins)
         namespace["__builtins__"] = builtins
-        sys.settrace(None)
-        sys.setprofile(None)
         for name, value in list(namespace.items()):
-            if isinstance(value, types.FunctionType) and value.__code__.co_filename == "<solution>":
+            if isinstance(value, FunctionType) and value.__code__.co_filename == "<solution>":
                 namespace[name] = checked(value)
+        in_tests = True
         run(job["tests"], "<tests>", namespace)
     except BaseException as e:
-        tb = e.__traceback__
+        tb = e.__traceback__  # show only the program's and the tests' frames
         while tb is not None and tb.tb_frame.f_code.co_filename not in ("<solution>", "<tests>"):
             tb = tb.tb_next
         write(2, "".join(traceback.format_exception(type(e), e, tb)).encode(errors="replace"))
-        exit_now(2 if isinstance(e, AssertionError) else 5 if isinstance(e, SpoofError)
-                 else 4 if isinstance(e, SystemExit) else 3)
+        exit_now(4 if isinstance(e, SystemExit) else 5 if isinstance(e, SpoofError)
+                 else 2 if in_tests and isinstance(e, AssertionError) else 3)
     write(1, b"\n" + nonce + b"\n")
     exit_now(0)
 
@@ -544,19 +556,24 @@ def _run_sandboxed(program: str, tests: str, timeout: float, memory: int) -> Ver
             except OSError:
                 pass
             proc.wait()
+            try:
+                proc.stdin.close()  # still open if the timeout hit while writing the job
+            except OSError:
+                pass
         stdout, stderr = _tail(out, 4096), _tail(err, 1000).strip()
-    code = proc.returncode
+    rc = proc.returncode
     if timed_out:
         return _fail("timeout", f"timed out after {timeout:g} s\n{stderr}".strip())
-    if code == 0 and nonce in stdout:
+    if rc == 0 and nonce in stdout:
         return Verdict(True)
-    if code == 0 or code == 4:
-        return _fail("wrong_answer", f"the program exited before the tests finished\n{stderr}".strip())
-    if code in (2, 5):
+    if rc in (0, 4):
+        return _fail("wrong_answer",
+                     f"the program exited before the tests finished\n{stderr}".strip())
+    if rc in (2, 5):
         return _fail("wrong_answer", stderr or "a test failed")
-    if code < 0:
-        return _fail("runtime_error", f"killed by signal {-code}\n{stderr}".strip())
-    return _fail("runtime_error", stderr or f"exited with code {code}")
+    if rc < 0:
+        return _fail("runtime_error", f"killed by signal {-rc}\n{stderr}".strip())
+    return _fail("runtime_error", stderr or f"exited with code {rc}")
 
 
 def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) -> Verdict:
@@ -570,15 +587,17 @@ def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) 
     Threat model: the program is untrusted and runs in the same process as the tests. Caught:
     early exit (exit(), sys.exit, os._exit, before or during tests), printing fake success (the
     harness wants a random per-run nonce on stdout plus exit code 0, and the nonce lives only in
-    the runner's memory, read from stdin before the program starts), tampering with builtins or
-    sys.settrace (undone before the tests), returned objects of program-defined classes that
-    override __eq__ and friends, forks (RLIMIT_NPROC=0 and the session is killed), sleeps
-    (timeout, then SIGKILL to the process group), memory (RLIMIT_AS), huge files (RLIMIT_FSIZE),
-    and accidental damage outside the temp work dir (destructive os/shutil functions and
-    writing open() are disabled; as root, the child runs as `nobody` when it can). Not caught:
-    a program that deliberately digs the nonce out of the runner's frames or memory, setsid()
-    escapes, or OS-level damage as root when `nobody` cannot run Python. Use a container or VM
-    for untrusted code at scale.
+    the runner's memory, read from stdin before the program starts), tampering with builtins
+    (undone before the tests), tracers that skip asserts (sys.settrace is disabled), returned
+    objects of program-defined classes that override __eq__ and friends, forks (RLIMIT_NPROC=0
+    and the session is killed), sleeps (timeout, then SIGKILL to the process group), memory
+    (RLIMIT_AS), huge files (RLIMIT_FSIZE), and accidental damage outside the temp work dir
+    (destructive os/shutil functions and writing open() are disabled; as root, the child runs
+    as `nobody` when it can). The child gets a minimal environment (no API keys). Not caught:
+    a program that deliberately digs the nonce out of the runner's frames or memory, fake
+    modules planted in sys.modules for the tests to import, setsid() escapes, or OS-level
+    damage as root when `nobody` cannot run Python. Use a container or VM for untrusted code
+    at scale.
     """
     if len(text) > 2 * MAX_PROGRAM_CHARS:
         return _fail("format", "completion too long")

