@@ -1,5 +1,6 @@
 """The learning half of the loop, shared by R3, GRPO and SCoRe: token log-probs, group advantages,
-the clipped policy-gradient loss with a KL penalty, one optimizer update, and checkpoints.
+the clipped policy-gradient loss with a KL penalty, one optimizer update, and checkpoints; plus the
+supervised (NLL) update of Re-ReST on the same layout.
 
 A training sample is (prompt ids, completion ids, advantage): only the completion's tokens get
 gradient. For R3 the "prompt" holds the task, the failed attempt and the reflection instruction, and
@@ -56,20 +57,24 @@ def pad_batch(samples: list[Sample], pad_id: int, device):
     return t(ids), t(attn), t(comp, torch.float32)
 
 
-def completion_logprobs(model, input_ids, attention_mask, n_completion: int) -> torch.Tensor:
-    """log p(token) for the last n_completion columns, [B, C]. Only those logits are computed."""
+def completion_logprobs(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0) -> torch.Tensor:
+    """log p(token) for the last n_completion columns, [B, C]. Only those logits are computed.
+    temperature: the sampling temperature, so these are the log-probs of the policy that drew the
+    tokens, softmax(logits / T) (as TRL and verl score them); 0 (greedy) counts as 1."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                    logits_to_keep=n_completion + 1).logits[:, :-1].float()
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[:, -n_completion:]
     return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
 
 
-def reference_logprobs(model, input_ids, attention_mask, n_completion: int) -> torch.Tensor:
+def reference_logprobs(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0) -> torch.Tensor:
     """The reference policy is the base model: the same weights with the LoRA adapter switched off,
     so no second copy of the model is held in memory."""
     with torch.no_grad(), model.disable_adapter():
-        return completion_logprobs(model, input_ids, attention_mask, n_completion)
+        return completion_logprobs(model, input_ids, attention_mask, n_completion, temperature)
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -107,6 +112,7 @@ class UpdateConfig:
     micro_batch: int = 8            # completions per forward/backward (gradient accumulation)
     max_grad_norm: float = 1.0
     agg: str = "grpo"
+    temperature: float = 1.0        # the sampling temperature: log-probs are of softmax(logits / T), as in TRL
 
 
 def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: int) -> dict:
@@ -121,17 +127,17 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     # Frozen per-batch quantities: the reference, and the sampling policy when the batch is reused.
     refs, olds = [], []
     for ids, attn, comp in batches:
-        refs.append(reference_logprobs(model, ids, attn, comp.shape[1]))
+        refs.append(reference_logprobs(model, ids, attn, comp.shape[1], cfg.temperature))
         if cfg.updates_per_batch > 1:
             with torch.no_grad():
-                olds.append(completion_logprobs(model, ids, attn, comp.shape[1]))
+                olds.append(completion_logprobs(model, ids, attn, comp.shape[1], cfg.temperature))
     stats = {"loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         loss_sum, kl_sum = 0.0, 0.0
         for k, (chunk, (ids, attn, comp)) in enumerate(zip(chunks, batches)):
-            logp = completion_logprobs(model, ids, attn, comp.shape[1])
+            logp = completion_logprobs(model, ids, attn, comp.shape[1], cfg.temperature)
             old = olds[k] if olds else logp.detach()
             adv = torch.tensor([s.advantage for s in chunk], device=device)
             beta = torch.tensor([cfg.kl_beta if s.kl_beta is None else s.kl_beta for s in chunk], device=device)
@@ -144,6 +150,35 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
         optimizer.step()
         stats["loss"], stats["kl"] = loss_sum, kl_sum / max(n_tokens, 1)
     return stats
+
+
+# ---------------------------------------------------------------------------------------------- supervised
+
+def nll_loss(logp: torch.Tensor, mask: torch.Tensor, normalizer: float | None = None) -> torch.Tensor:
+    """Token-mean negative log-likelihood of the completion tokens: sum(-logp * mask) / normalizer
+    (the number of completion tokens in the whole update, so micro-batches add up to one mean)."""
+    return -(logp * mask).sum() / (normalizer or mask.sum().clamp(min=1))
+
+
+def supervised_update(model, optimizer, samples: list[Sample], pad_id: int, micro_batch: int = 8,
+                      max_grad_norm: float = 1.0) -> dict:
+    """One optimizer step of supervised fine-tuning (Re-ReST) on (prompt, completion) samples: the same
+    layout and log-probs as the RL update, the loss nll_loss; advantages and KL are not used.
+    In data-parallel runs every rank calls this (an empty list is allowed) and gradients are averaged."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_tokens = sum(len(s.completion_ids) for s in samples)
+    optimizer.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for i in range(0, len(samples), micro_batch):
+        ids, attn, comp = pad_batch(samples[i:i + micro_batch], pad_id, device)
+        loss = nll_loss(completion_logprobs(model, ids, attn, comp.shape[1]), comp, n_tokens)
+        loss.backward()
+        loss_sum += loss.item()
+    all_reduce_grads(params)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
+    optimizer.step()
+    return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": n_tokens}
 
 
 # ---------------------------------------------------------------------------------------------- data parallel

@@ -163,16 +163,16 @@ def setup(args):
     rank, size = rl.world()
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(args.seed + rank)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    model, tok = load_model(args.model, lora_r=args.lora_r, load_in_4bit=args.load_in_4bit, device=device)
     if args.lora_r <= 0:
         raise cli.UsageError("training needs --lora-r > 0 (the base model with the adapter off is the KL reference)")
+    ckpt = rl.latest_checkpoint(args.out_dir) if args.resume else None
+    if args.resume and ckpt is None:
+        raise cli.UsageError(f"--resume: no checkpoint in {args.out_dir}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model, lora_r=args.lora_r, load_in_4bit=args.load_in_4bit, device=device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     state = {"step": 0}
-    if args.resume:
-        ckpt = rl.latest_checkpoint(args.out_dir)
-        if ckpt is None:
-            raise cli.UsageError(f"--resume: no checkpoint in {args.out_dir}")
+    if ckpt is not None:
         state = rl.load_checkpoint(ckpt, model, optimizer)
         if rank == 0:
             print(f"resumed from {ckpt} at step {state['step']}")
@@ -209,29 +209,19 @@ def summarize(step_stats: dict) -> dict:
             "step_s": max(step_stats["step_s"]), "reflection_len": mean(step_stats["reflection_len"])}
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    model, tok, optimizer, state, rank, size = setup(args)
-    train = tasks.load_examples(args.task, "train", source=args.source, n=args.train_size, seed=args.seed)
-    test = tasks.load_examples(args.task, "test", source=args.source, n=args.eval_size, seed=args.seed)
-    if args.method in ("score", "rerest"):
-        import rerest
-        import score
-        return (score if args.method == "score" else rerest).train(model, tok, optimizer, args, state, train, test)
-
-    queries = failure_dataset(model, tok, args, train, rank, size) if args.method == "r3" else \
-        [{"example": ex} for ex in train]
-    if not queries:
-        raise cli.UsageError("every first attempt passed: no failures to learn from (try a harder --source)")
-    cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, args.updates_per_batch, args.micro_batch, agg=args.loss_agg)
+def train_loop(model, tok, optimizer, args, state: dict, items: list, test: list[dict], step_fn, describe=summarize):
+    """The step loop shared by R3, GRPO and SCoRe. Per step: a seeded batch of items (this rank's share),
+    step_fn(step, batch, step_seed) -> dict of per-sample lists, gathered over ranks and turned into one
+    metrics line by describe; periodic eval and checkpoints. Everything follows from the step number,
+    so --resume continues where the checkpoint left off."""
+    rank, size = rl.world()
     model.train()
     bar = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps, disable=rank != 0,
                desc=f"{args.method} {args.task}")
     for step in bar:
-        idx = batch_at(step, len(queries), args.batch_size, args.seed)[rank::size]
-        stats = train_step(model, tok, optimizer, args, cfg, [queries[i] for i in idx],
-                           step_seed=(args.seed * 1_000_003 + step) * 10_007 + rank * 101)
-        record = {"step": step + 1, "kind": "train", **summarize({k: rl.gather(v) for k, v in stats.items()})}
+        idx = batch_at(step, len(items), args.batch_size, args.seed)[rank::size]
+        stats = step_fn(step, [items[i] for i in idx], (args.seed * 1_000_003 + step) * 10_007 + rank * 101)
+        record = {"step": step + 1, "kind": "train", **describe({k: rl.gather(v) for k, v in stats.items()})}
         bar.set_postfix(reward=f"{record['reward']:.3f}", signal=f"{record['signal_frac']:.2f}")
         if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             record.update(evaluate(model, tok, args, test, rank, size))
@@ -242,6 +232,27 @@ def main(argv=None):
                 rl.save_checkpoint(args.out_dir, model, optimizer, {"step": step + 1, "data_pos": (step + 1) * args.batch_size})
         if size > 1:
             dist.barrier()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # The data first: a bad --source fails in a second, not after loading the model.
+    train = tasks.load_examples(args.task, "train", source=args.source, n=args.train_size, seed=args.seed)
+    test = tasks.load_examples(args.task, "test", source=args.source, n=args.eval_size, seed=args.seed)
+    model, tok, optimizer, state, rank, size = setup(args)
+    if args.method in ("score", "rerest"):
+        import rerest
+        import score
+        (score if args.method == "score" else rerest).train(model, tok, optimizer, args, state, train, test)
+    else:
+        queries = failure_dataset(model, tok, args, train, rank, size) if args.method == "r3" else \
+            [{"example": ex} for ex in train]
+        if not queries:
+            raise cli.UsageError("every first attempt passed: no failures to learn from (try a harder --source)")
+        cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, args.updates_per_batch, args.micro_batch,
+                              agg=args.loss_agg, temperature=args.temperature)
+        train_loop(model, tok, optimizer, args, state, queries, test,
+                   lambda step, batch, step_seed: train_step(model, tok, optimizer, args, cfg, batch, step_seed))
     if rank == 0:
         print(f"done: {args.out_dir}/metrics.jsonl, adapter in {rl.latest_checkpoint(args.out_dir)}/adapter")
     if size > 1:

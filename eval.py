@@ -1,0 +1,301 @@
+"""The papers' evaluation: two tries on the held-out split, error analysis, and training-curve plots.
+
+    python eval.py --task countdown --n 100                                         # the base model
+    python eval.py --task countdown --n 100 --adapter runs/countdown-r3 --compare   # base | trained, one table
+    python eval.py --task math --method score --adapter runs/math-score             # SCoRe's second try
+    python eval.py --plot runs/countdown-r3/metrics.jsonl                           # -> runs/countdown-r3/metrics.png
+
+First try on every example, then the second try. r3: a failed first try is followed by a reflection
+and a retry (a passed one stands); score: the fixed correction instruction on every example, with no
+feedback. Greedy unless --temperature > 0. Reported: accuracy@t1, accuracy@t2, delta = acc@t2 - acc@t1,
+delta i->c (wrong at t1, right at t2) and c->i (SCoRe's metrics), the verifier's error categories at
+each try (R3's error analysis), mean tokens of the answer standing after each try, mean reflection
+tokens, wall time and generated tokens per second.
+
+Files in --out: results-<hash>.jsonl, a header line {"config": ...} then one line per finished example,
+named by a hash of everything that decides the results (model, adapter, task, source, n, method,
+temperature, token limits, seed); rerun with the same flags, a killed eval redoes only the missing
+examples. summary-<hash>.json and summary-<hash>.md hold the table.
+"""
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import cli
+import tasks
+
+TRIES = ("t1", "t2")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", default="countdown", choices=tasks.TASK_NAMES)
+    p.add_argument("--source", default=None, help=f"task data (defaults: {tasks.DEFAULT_SOURCE})")
+    p.add_argument("--model", default="smollm2-135m", help="embedded model, Hub id, local dir or .gguf file")
+    p.add_argument("--adapter", default=None, help="a run directory (its latest checkpoint) or an adapter directory")
+    p.add_argument("--compare", action="store_true", help="base model and --adapter side by side, same examples")
+    p.add_argument("--n", type=int, default=500, help="held-out examples (the first n of the test split)")
+    p.add_argument("--method", default="r3", choices=["r3", "score"], help="how the second try is asked for")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the papers' evaluation)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: per task, as training)")
+    p.add_argument("--reflect-tokens", type=int, default=64, help="reflection length (r3)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per chunk (sampled together, then saved)")
+    p.add_argument("--out", default="evals", help="directory for results and summaries")
+    p.add_argument("--seed", type=int, default=0, help="test-split order and sampling seed")
+    p.add_argument("--plot", default=None, metavar="METRICS_JSONL", help="plot a training run's metrics instead")
+    p.add_argument("--plot-out", default=None, help="PNG path (default: the metrics file with .png)")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------- the table
+
+def count_errors(records: list[dict], t: str) -> dict:
+    return dict(sorted(Counter(r[t]["error"] or "unknown" for r in records if not r[t]["correct"]).items()))
+
+
+def summarize(records: list[dict]) -> dict:
+    """The table's numbers from per-example records (fractions, not percents)."""
+    n = len(records)
+    frac = lambda k: k / n if n else 0.0  # noqa: E731
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    right = {t: sum(bool(r[t]["correct"]) for r in records) for t in TRIES}
+    wall, generated = sum(r["seconds"] for r in records), sum(r["gen_tokens"] for r in records)
+    return {"n": n, "acc_t1": frac(right["t1"]), "acc_t2": frac(right["t2"]),
+            "delta": frac(right["t2"] - right["t1"]),
+            "delta_i2c": frac(sum(not r["t1"]["correct"] and r["t2"]["correct"] for r in records)),
+            "delta_c2i": frac(sum(r["t1"]["correct"] and not r["t2"]["correct"] for r in records)),
+            "errors_t1": count_errors(records, "t1"), "errors_t2": count_errors(records, "t2"),
+            "tokens_t1": mean([r["t1"]["tokens"] for r in records]),
+            "tokens_t2": mean([r["t2"]["tokens"] for r in records]),
+            "tokens_reflection": mean([r["reflection"]["tokens"] for r in records if r.get("reflection")]),
+            "gen_tokens": generated, "wall_s": wall, "tokens_per_s": generated / wall if wall > 0 else 0.0}
+
+
+def markdown_table(columns: dict[str, dict]) -> str:
+    """One column per summary (e.g. base | trained), one row per metric; accuracies in percent."""
+    pct, signed = (lambda x: f"{100 * x:.1f}"), (lambda x: f"{100 * x:+.1f}")
+    one, num = (lambda x: f"{x:.1f}"), (lambda x: str(x))
+    rows = [("examples", "n", num), ("accuracy@t1 (%)", "acc_t1", pct), ("accuracy@t2 (%)", "acc_t2", pct),
+            ("Δ(t1,t2) (%)", "delta", signed), ("Δ i→c (%)", "delta_i2c", pct), ("Δ c→i (%)", "delta_c2i", pct)]
+    for t in TRIES:
+        for cat in sorted(set().union(*(s[f"errors_{t}"] for s in columns.values()))):
+            rows.append((f"errors@{t}: {cat}", (f"errors_{t}", cat), num))
+    rows += [("tokens/answer t1", "tokens_t1", one), ("tokens/answer t2", "tokens_t2", one),
+             ("tokens/reflection", "tokens_reflection", one), ("wall time (s)", "wall_s", one),
+             ("tokens/s", "tokens_per_s", one)]
+    get = lambda s, key: s[key[0]].get(key[1], 0) if isinstance(key, tuple) else s[key]  # noqa: E731
+    lines = ["| metric | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    lines += [f"| {label} | " + " | ".join(fmt(get(s, key)) for s in columns.values()) + " |"
+              for label, key, fmt in rows]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- results file
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_results(path: Path) -> dict[str, dict]:
+    """Finished records by example id. A half-written last line (a kill mid-write) is dropped, and the
+    file rewritten without it so later appends start on a line of their own."""
+    if not path.exists():
+        return {}
+    text = path.read_text()
+    lines, good, done = text.splitlines(), [], {}
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            if i == len(lines) - 1:
+                break
+            raise cli.UsageError(f"{path}:{i + 1}: malformed results line; delete the file to start over")
+        good.append(line)
+        if "id" in row:
+            done[row["id"]] = row
+    if len(good) < len(lines) or not text.endswith("\n"):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in good))
+        os.replace(tmp, path)
+    return done
+
+
+def turn_record(turn, new: bool = True) -> dict:
+    v = turn.verdict
+    return {"correct": v.correct, "error": v.error, "tokens": len(turn.ids), "text": turn.text, "new": new}
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_gen, retry_gen):
+    """rollout.two_tries' second half, keeping each r3 reflection (None where none was written)."""
+    import rollout
+    if method == "score":
+        return rollout.correct(model, tok, task, examples, first, answer_gen), [None] * len(first)
+    failed = [i for i, t in enumerate(first) if not t.verdict.correct]
+    episodes = rollout.reflect_and_retry(model, tok, task, [examples[i] for i in failed],
+                                         [first[i] for i in failed], reflect_gen, retry_gen)
+    second, reflections = list(first), [None] * len(first)
+    for i, ep in zip(failed, episodes):
+        second[i], reflections[i] = ep.retries[0], ep.reflections[0]
+    return second, reflections
+
+
+def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_size: int, label: str) -> list[dict]:
+    """Both tries on every example not already in the results file, a chunk at a time; all records."""
+    from tqdm import tqdm
+    import rollout
+    from rollout import Gen
+    path = out / f"results-{config_hash(config)}.jsonl"
+    done = read_results(path)
+    if not path.exists():
+        path.write_text(json.dumps({"config": config}) + "\n")
+    bar = tqdm(total=len(examples), initial=sum(ex["id"] in done for ex in examples), desc=label, unit="ex")
+    for start in range(0, len(examples), batch_size):
+        chunk = [ex for ex in examples[start:start + batch_size] if ex["id"] not in done]
+        if not chunk:
+            continue
+        t0 = time.perf_counter()
+        seed, temp = config["seed"] * 1_000_003 + start, config["temperature"]
+        answer = Gen(config["max_new_tokens"], temp, seed=seed, batch_size=batch_size)
+        reflect = Gen(config["reflect_tokens"], temp, seed=seed + 1, batch_size=batch_size)
+        retry = Gen(config["max_new_tokens"], temp, seed=seed + 2, batch_size=batch_size)
+        first = rollout.attempt(model, tok, config["task"], chunk, answer)
+        second, reflections = second_tries(model, tok, config["task"], chunk, first, config["method"],
+                                           answer, reflect, retry)
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        rows = []
+        for ex, a, b, r in zip(chunk, first, second, reflections):
+            new = b is not a
+            rows.append({"id": ex["id"], "t1": turn_record(a), "t2": turn_record(b, new),
+                         "reflection": r and {"tokens": len(r.ids), "text": r.text},
+                         "gen_tokens": len(a.ids) + (len(b.ids) if new else 0) + (len(r.ids) if r else 0),
+                         "seconds": seconds})
+        with open(path, "a") as f:  # one write per chunk: a kill leaves at most one half-written line
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        done.update((row["id"], row) for row in rows)
+        bar.update(len(chunk))
+    bar.close()
+    return [done[ex["id"]] for ex in examples]
+
+
+def resolve_adapter(path: str) -> Path:
+    """A run directory (its latest checkpoint's adapter/), a checkpoint directory, or an adapter directory."""
+    p = Path(path)
+    if (p / "latest").is_file():
+        import rl
+        p = rl.latest_checkpoint(p)
+    for candidate in (p, p / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate.resolve()
+    raise cli.UsageError(f"no adapter at {path}: give a run directory (with a latest checkpoint) "
+                         "or an adapter directory (with adapter_config.json)")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.plot:
+        return plot(Path(args.plot), Path(args.plot_out) if args.plot_out else None)
+    adapter = resolve_adapter(args.adapter) if args.adapter else None
+    if args.compare and adapter is None:
+        raise cli.UsageError("--compare needs --adapter (a run directory or an adapter directory)")
+    if args.n <= 0 or args.batch_size <= 0:
+        raise cli.UsageError("--n and --batch-size must be positive")
+    from model import load_model
+    from train_r3 import TASK_TOKENS
+    examples = tasks.load_examples(args.task, "test", source=args.source, n=args.n, seed=args.seed)
+    if not examples:
+        raise cli.UsageError(f"no held-out examples for {args.task} from {args.source or 'the default source'}")
+    model, tok = load_model(args.model, adapter=str(adapter) if adapter else None)
+    model.eval()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = {"model": args.model, "adapter": None, "task": args.task,
+            "source": args.source or tasks.DEFAULT_SOURCE[args.task], "n": args.n, "method": args.method,
+            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens or TASK_TOKENS[args.task],
+            "reflect_tokens": args.reflect_tokens, "seed": args.seed}
+    configs = {}
+    if adapter is None or args.compare:
+        configs["base"] = base
+    if adapter is not None:
+        configs["trained"] = {**base, "adapter": str(adapter)}
+    columns = {}
+    for label, config in configs.items():
+        off = model.disable_adapter() if adapter is not None and config["adapter"] is None else contextlib.nullcontext()
+        with off:
+            columns[label] = summarize(run_column(model, tok, examples, config, out, args.batch_size, label))
+    table = markdown_table(columns)
+    caption = (f"{args.task} ({base['source']}, {len(examples)} held-out examples), method {args.method}, "
+               f"model {args.model}" + (f", adapter {adapter}" if adapter else "") +
+               f", temperature {args.temperature}")
+    stem = out / f"summary-{config_hash(configs)}"
+    stem.with_suffix(".json").write_text(json.dumps(
+        {"configs": configs, "columns": columns,
+         "results": {k: str(out / f"results-{config_hash(c)}.jsonl") for k, c in configs.items()}}, indent=1))
+    stem.with_suffix(".md").write_text(f"{caption}\n\n{table}\n")
+    print(f"\n{caption}\n\n{table}\n\nsaved {stem}.json and {stem}.md")
+    return columns
+
+
+# ---------------------------------------------------------------------------------------------- plots
+
+PANELS = (("reward (train)", ("reward",)), ("accuracy (eval)", ("acc_t1", "acc_t2")),
+          ("KL to base", ("kl",)), ("signal fraction", ("signal_frac",)))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl's lines in step order; where a resumed run repeated a step, the later line wins."""
+    if not path.is_file():
+        raise cli.UsageError(f"metrics file not found: {path}")
+    by_step = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            raise cli.UsageError(f"{path}:{i}: not a metrics line (a JSON object with an integer \"step\")")
+        by_step[row["step"]] = row
+    if not by_step:
+        raise cli.UsageError(f"{path}: no metrics lines")
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def plot(path: Path, out: Path | None = None) -> Path:
+    rows = read_metrics(path)
+    out = out or path.with_suffix(".png")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
+    for ax, (title, keys) in zip(axes.flat, PANELS):
+        for key in keys:
+            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if points:
+                ax.plot(*zip(*points), marker="o" if key.startswith("acc") else None, markersize=3, label=key)
+        if len(keys) > 1 and ax.lines:
+            ax.legend()
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel("step")
+    fig.suptitle(str(path))
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main)

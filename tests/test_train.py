@@ -1,0 +1,114 @@
+"""train_r3.py end to end on the tiny model: a smoke run, SIGKILL + --resume, torchrun with gloo, errors."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import rl
+import tasks
+import train_r3
+from conftest import ROOT
+from scripted_train import scripted_verify
+
+SCRIPT = str(ROOT / "tests" / "scripted_train.py")
+
+
+def small_args(model_dir, out_dir, *extra):
+    return ["--model", str(model_dir), "--task", "countdown", "--train-size", "8", "--eval-size", "2",
+            "--max-new-tokens", "6", "--reflect-tokens", "6", "--group-size", "4", "--batch-size", "2",
+            "--lora-r", "4", "--lr", "1e-2", "--out-dir", str(out_dir), *extra]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter_weights(run_dir):
+    return load_file(rl.latest_checkpoint(run_dir) / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("method", ["r3", "grpo"])
+def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, monkeypatch, method):
+    monkeypatch.setattr(tasks, "verify", scripted_verify)
+    run = tmp_path / method
+    train_r3.main(small_args(tiny_model_dir, run, "--method", method, "--steps", "2", "--eval-every", "2"))
+    lines = read_metrics(run)
+    assert [r["step"] for r in lines] == [1, 2]
+    assert all(0 <= r["reward"] <= 1 and r["tokens_per_s"] > 0 for r in lines)
+    assert any(r["signal_frac"] > 0 and r["loss"] != 0 for r in lines)
+    assert "acc_t1" in lines[-1] and "acc_t2" in lines[-1]
+    if method == "r3":
+        assert (run / "failures.jsonl").exists() and lines[0]["reflection_len"] > 0
+    # the adapter is standard peft, and training moved it away from its (zero) LoRA-B init
+    from peft import PeftModel
+    import model as model_lib
+    base, _ = model_lib.load_model(str(tiny_model_dir), device="cpu")
+    PeftModel.from_pretrained(base, rl.latest_checkpoint(run) / "adapter")
+    assert any(v.abs().sum() > 0 for k, v in adapter_weights(run).items() if "lora_B" in k)
+
+
+def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path):
+    steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0"]
+    straight = tmp_path / "straight"
+    subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, straight, *steps)], check=True,
+                   capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *small_args(tiny_model_dir, killed, *steps)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # kill as soon as step 3's checkpoint is published
+        ckpt = rl.latest_checkpoint(killed) if (killed / "latest").exists() else None
+        if ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = (killed / "metrics.jsonl").read_text()
+    killed_at = json.loads((rl.latest_checkpoint(killed) / "state.json").read_text())["step"]
+    assert 3 <= killed_at < 6, "the run finished before it could be killed"
+
+    r = subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, killed, *steps, "--resume")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from" in r.stdout and f"at step {killed_at}" in r.stdout
+    after = (killed / "metrics.jsonl").read_text()
+    assert after.startswith(before)  # nothing written before the kill is lost
+    last = {rec["step"]: rec for rec in read_metrics(killed)}  # a step logged twice: the later line wins
+    assert sorted(last) == [1, 2, 3, 4, 5, 6]
+    ref = {rec["step"]: rec for rec in read_metrics(straight)}
+    for step in range(1, 7):
+        assert last[step]["reward"] == ref[step]["reward"], step
+    a, b = adapter_weights(killed), adapter_weights(straight)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_torchrun_two_gloo_processes(tiny_model_dir, tmp_path):
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                        SCRIPT, *small_args(tiny_model_dir, run, "--steps", "2", "--eval-every", "2")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = read_metrics(run)
+    assert [rec["step"] for rec in lines] == [1, 2]  # rank 0 logs once per step
+    assert rl.latest_checkpoint(run).name == "ckpt-000002"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "countdown", "--model", "/no/such/model"], "unknown model"),
+    (["--task", "countdown", "--source", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
+    (["--task", "countdown", "--resume", "--out-dir", "/tmp/r3-empty-run-dir"], "no checkpoint"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_model_dir):
+    if "--model" not in argv:
+        argv = argv + ["--model", str(tiny_model_dir)]
+    r = subprocess.run([sys.executable, "train_r3.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error:") and message in r.stderr and "Traceback" not in r.stderr
