@@ -4,7 +4,7 @@
 #   bash install.sh          # what train_r3.py / eval.py / sample.py need
 #   bash install.sh --dev    # plus pytest and trl (tests, benchmarks)
 set -euo pipefail
-PY=${PYTHON:-python3}
+PY=${PYTHON:-python}
 pip_install() { "$PY" -m pip install -q --disable-pip-version-check "$@"; }
 
 # 1. torch first, pinned, so no later requirement pulls the newest (CUDA, several GB) build.

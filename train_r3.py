@@ -28,6 +28,10 @@ from model import DEFAULT_MODEL, load_model
 from rollout import Gen
 
 TASK_TOKENS = {"countdown": 48, "function_calling": 128, "math": 256, "code": 256}  # answer lengths
+# --reward partial: some credit for failing closer to a pass, a denser signal for small models that
+# almost never pass (our choice, not the paper's; the papers and eval.py use the binary verdict).
+PARTIAL_CREDIT = {"invalid_equation": 0.1, "wrong_numbers": 0.25, "missed_target": 0.5, "wrong_tool": 0.1,
+                  "wrong_arguments": 0.5, "runtime_error": 0.1, "wrong_answer": 0.25}
 
 
 def parse_args(argv=None):
@@ -51,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"attempt/retry length (default per task: {TASK_TOKENS})")
     p.add_argument("--reflect-tokens", type=int, default=64, help="reflection length")
     p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--reward", default="binary", choices=["binary", "partial"],
+                   help=f"binary: 1 if the verifier passes (the paper); partial: also {PARTIAL_CREDIT}")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--train-size", type=int, default=64, help="training queries (first attempts sampled on these)")
     p.add_argument("--eval-size", type=int, default=32, help="held-out examples for the periodic eval")
@@ -119,8 +125,8 @@ def r3_samples(model, tok, args, queries: list[dict], step_seed: int):
         model, tok, args.task, examples, attempts, Gen(args.reflect_tokens, args.temperature, seed=step_seed),
         Gen(args.max_new_tokens, args.temperature, seed=step_seed + 1), n_reflections=args.group_size)
     reflections = [r for ep in episodes for r in ep.reflections]
-    rewards = torch.tensor([float(t.verdict.correct) for ep in episodes for t in ep.retries])
-    return reflections, rewards, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
+    verdicts = [t.verdict for ep in episodes for t in ep.retries]
+    return reflections, verdicts, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
                                   "reflection_len": [len(r.ids) for r in reflections]}
 
 
@@ -129,16 +135,22 @@ def grpo_samples(model, tok, args, queries: list[dict], step_seed: int):
     examples = [q["example"] for q in queries]
     turns = rollout.attempt(model, tok, args.task, examples, Gen(args.max_new_tokens, args.temperature,
                                                                  seed=step_seed), n=args.group_size)
-    rewards = torch.tensor([float(t.verdict.correct) for t in turns])
-    return turns, rewards, {"tokens": sum(len(t.ids) for t in turns), "reflection_len": []}
+    return turns, [t.verdict for t in turns], {"tokens": sum(len(t.ids) for t in turns), "reflection_len": []}
+
+
+def reward(verdict, kind: str = "binary") -> float:
+    if verdict.correct:
+        return 1.0
+    return PARTIAL_CREDIT.get(verdict.error, 0.0) if kind == "partial" else 0.0
 
 
 def train_step(model, tok, optimizer, args, cfg, queries, step_seed):
     """Sample, reward, and one GRPO update on the groups that carry signal."""
     t0 = time.perf_counter()
     make = r3_samples if args.method == "r3" else grpo_samples
-    turns, rewards, info = make(model, tok, args, queries, step_seed)
+    turns, verdicts, info = make(model, tok, args, queries, step_seed)
     t_sample = time.perf_counter() - t0
+    rewards = torch.tensor([reward(v, args.reward) for v in verdicts])
     G = args.group_size
     advantages = rl.group_advantages(rewards, G)
     signal = rl.has_signal(rewards, G)
@@ -148,8 +160,8 @@ def train_step(model, tok, optimizer, args, cfg, queries, step_seed):
     stats = {"loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
     if rl.gather([len(samples)]) != [0] * rl.world()[1]:  # every rank steps together, or none does
         stats = rl.update(model, optimizer, samples, cfg, tok.pad_token_id)
-    groups = rewards.view(-1, G)
-    return {"reward": rewards.tolist(), "pass_any": groups.max(1).values.tolist(), "signal": signal.tolist(),
+    solved = torch.tensor([float(v.correct) for v in verdicts])
+    return {"reward": rewards.tolist(), "solved": solved.tolist(), "pass_any": solved.view(-1, G).max(1).values.tolist(), "signal": signal.tolist(),
             "tokens": [info["tokens"]], "reflection_len": info["reflection_len"], "sample_s": [t_sample],
             "step_s": [time.perf_counter() - t0], **{k: [v] for k, v in stats.items()}}
 
@@ -202,7 +214,7 @@ def evaluate(model, tok, args, test: list[dict], rank: int, size: int) -> dict:
 def summarize(step_stats: dict) -> dict:
     """Per-step JSON line from the (gathered) per-sample lists."""
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    return {"reward": mean(step_stats["reward"]), "pass_any": mean(step_stats["pass_any"]),
+    return {"reward": mean(step_stats["reward"]), "solved": mean(step_stats["solved"]), "pass_any": mean(step_stats["pass_any"]),
             "signal_frac": mean(step_stats["signal"]), "kl": mean(step_stats["kl"]), "loss": sum(step_stats["loss"]),
             "grad_norm": mean(step_stats["grad_norm"]),
             "tokens_per_s": sum(step_stats["tokens"]) / max(max(step_stats["sample_s"]), 1e-9),

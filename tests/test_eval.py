@@ -67,7 +67,7 @@ def test_read_results_drops_only_a_half_written_last_line(tmp_path):
         ev.read_results(path)
 
 
-# ---------------------------------------------------------------------------------------------- tiny model, scripted verdicts
+# ---------------------------------------------------------------------------------------------- tiny model
 
 def scripted(monkeypatch, script: dict) -> list:
     """tasks.verify answers the k-th call for an example with script[id][k] (an error, or None: correct).
