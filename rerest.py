@@ -72,6 +72,15 @@ def reflector_adapter(model):
         model.delete_adapter(REFLECTOR)
 
 
+def save_adapter(model, name: str, path):
+    """One named adapter in standard peft form (adapter_config.json + adapter_model.safetensors) in path."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    path.mkdir(parents=True, exist_ok=True)
+    model.peft_config[name].save_pretrained(path)
+    save_file(get_peft_model_state_dict(model, adapter_name=name), path / "adapter_model.safetensors")
+
+
 def reflect(model, tok, args, examples: list[dict], failures: list[tuple[int, Turn]], seed: int):
     """One corrected output per failed agent turn, verified: [(example index, reflector Turn)]."""
     convs = [reflector_messages(args.task, examples[i], t.text, t.verdict) for i, t in failures]
@@ -126,7 +135,7 @@ def reflector_data(corrections: list[tuple[int, Turn]]) -> list[Turn]:
 def sft(model, tok, optimizer, args, data: list[Turn], phase: str, step: int, seed: int, log) -> int:
     """--sft-epochs epochs of supervised updates on data (prompt -> output): batches of --batch-size items
     in a seeded order, the same on every rank, each rank taking its share. Logs each epoch's mean loss;
-    returns the optimizer step count."""
+    returns the optimizer step count (the agent's is the run's "step"; the reflector's "reflector_step")."""
     rank, size = rl.world()
     if not data:
         return step
@@ -143,7 +152,8 @@ def sft(model, tok, optimizer, args, data: list[Turn], phase: str, step: int, se
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        log(phase=f"{phase}_sft", step=step, epoch=epoch + 1, loss=sum(losses) / len(losses), items=len(samples))
+        log(phase=f"{phase}_sft", **{"step" if phase == "agent" else "reflector_step": step}, epoch=epoch + 1,
+            loss=sum(losses) / len(losses), items=len(samples))
     bar.close()
     return step
 
@@ -189,7 +199,7 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
                 corrected=len(rl.gather(reflector_data(more))))
             corrections += more
             if rank == 0:
-                model.save_pretrained(args.out_dir, selected_adapters=[REFLECTOR])  # -> <out-dir>/reflector/
+                save_adapter(model, REFLECTOR, args.out_dir / REFLECTOR)
 
     # 4. The agent learns D_M + D_R by supervised fine-tuning.
     d_m, d_r = (rl.gather(d) for d in assemble(mine, agent_turns, corrections))

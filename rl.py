@@ -77,16 +77,51 @@ def reference_logprobs(model, input_ids, attention_mask, n_completion: int, temp
         return completion_logprobs(model, input_ids, attention_mask, n_completion, temperature)
 
 
+def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, temperature: float = 1.0):
+    """completion_logprobs(pad_batch(samples)) computed with each distinct prompt run once: its keys and
+    values are copied to every completion that follows it (a GRPO or R3 group shares one prompt), with
+    gradient through both. Same numbers; for a group of G, about G times less prompt compute and memory.
+    Returns (log-probs [B, C], completion mask [B, C])."""
+    if getattr(model, "is_gradient_checkpointing", False):  # no cache under checkpointing: the plain way
+        ids, attn, comp = pad_batch(samples, pad_id, device)
+        return completion_logprobs(model, ids, attn, comp.shape[1], temperature), comp
+    from transformers import DynamicCache
+    prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
+    which = torch.tensor([prompts.index(tuple(s.prompt_ids)) for s in samples], device=device)
+    P, C = max(map(len, prompts)), max(len(s.completion_ids) for s in samples)
+    t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    p_ids = t([[pad_id] * (P - len(p)) + list(p) for p in prompts])
+    p_mask = t([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    c_ids = t([s.completion_ids + [pad_id] * (C - len(s.completion_ids)) for s in samples])
+    c_mask = t([[1] * len(s.completion_ids) + [0] * (C - len(s.completion_ids)) for s in samples])
+    cache = DynamicCache()
+    # the prompts: keys/values for the cache, and the logits at each prompt's last token (-> first completion token)
+    first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    cache.batch_select_indices(which)  # one copy of its prompt's cache per completion (a differentiable gather)
+    mask = torch.cat([p_mask[which], c_mask], 1)
+    positions = p_mask.sum(1)[which, None] + torch.arange(C, device=device)
+    rest = model(input_ids=c_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                 use_cache=True, logits_to_keep=C).logits[:, :-1]
+    logits = torch.cat([first[which, None], rest], 1).float()
+    if temperature and temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, -1).gather(-1, c_ids[..., None]).squeeze(-1), c_mask.float()
+
+
 # ---------------------------------------------------------------------------------------------- the loss
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, kl_beta, clip_eps: float = 0.2,
-                normalizer: float | None = None, agg: str = "grpo"):
+                normalizer: float | None = None, agg: str = "grpo", kl_ratio: bool = False):
     """Clipped policy-gradient loss with a k3 KL penalty (DeepSeekMath GRPO, eq. 3; Schulman's k3).
 
     logp, old_logp, ref_logp, mask: [B, C]; advantages: [B]; kl_beta: float or [B].
     agg="grpo": mean over each completion's tokens, then sum over completions / normalizer (the number
     of completions in the whole update, so micro-batches add up to one batch mean).
     agg="token": sum over all tokens / normalizer (the number of completion tokens in the update).
+    kl_ratio: weight the k3 term by the importance ratio pi/pi_old (DeepSeek-V3.2; TRL's
+    use_bias_correction_kl, its default): the same value on-policy, but a differentiable ratio, so the
+    gradient becomes the unbiased reverse-KL gradient. Off (DeepSeekMath's GRPO, R3) by default.
     Returns (loss, per-token KL tensor).
     """
     ratio = torch.exp(logp - old_logp)
@@ -95,7 +130,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, kl_beta, clip_eps: f
     log_ref_ratio = ref_logp - logp
     kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # k3: unbiased, always >= 0
     beta = kl_beta if not torch.is_tensor(kl_beta) else kl_beta[:, None]
-    per_token = -(objective - beta * kl) * mask
+    per_token = -(objective - beta * (kl * ratio if kl_ratio else kl)) * mask
     if agg == "grpo":
         per_sample = per_token.sum(1) / mask.sum(1).clamp(min=1)
         loss = per_sample.sum() / (normalizer or len(per_sample))
@@ -113,6 +148,7 @@ class UpdateConfig:
     max_grad_norm: float = 1.0
     agg: str = "grpo"
     temperature: float = 1.0        # the sampling temperature: log-probs are of softmax(logits / T), as in TRL
+    kl_ratio: bool = False          # k3 term times pi/pi_old (TRL's use_bias_correction_kl); see policy_loss
 
 
 def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: int) -> dict:
@@ -120,28 +156,31 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     In data-parallel runs every rank calls this, with its own samples, and gradients are averaged."""
     device = next(model.parameters()).device
     chunks = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
-    batches = [pad_batch(c, pad_id, device) for c in chunks]
     n_samples = len(samples)
     n_tokens = sum(len(s.completion_ids) for s in samples)
     normalizer = n_samples if cfg.agg == "grpo" else n_tokens
-    # Frozen per-batch quantities: the reference, and the sampling policy when the batch is reused.
+    logprobs = lambda chunk: shared_prompt_logprobs(model, chunk, pad_id, device, cfg.temperature)  # noqa: E731
+    # Frozen per-batch quantities: the reference (the adapter off, see reference_logprobs), and the
+    # sampling policy when the batch is reused.
     refs, olds = [], []
-    for ids, attn, comp in batches:
-        refs.append(reference_logprobs(model, ids, attn, comp.shape[1], cfg.temperature))
-        if cfg.updates_per_batch > 1:
-            with torch.no_grad():
-                olds.append(completion_logprobs(model, ids, attn, comp.shape[1], cfg.temperature))
+    with torch.no_grad():
+        for chunk in chunks:
+            with model.disable_adapter():
+                refs.append(logprobs(chunk)[0])
+            if cfg.updates_per_batch > 1:
+                olds.append(logprobs(chunk)[0])
     stats = {"loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         loss_sum, kl_sum = 0.0, 0.0
-        for k, (chunk, (ids, attn, comp)) in enumerate(zip(chunks, batches)):
-            logp = completion_logprobs(model, ids, attn, comp.shape[1], cfg.temperature)
+        for k, chunk in enumerate(chunks):
+            logp, comp = logprobs(chunk)
             old = olds[k] if olds else logp.detach()
             adv = torch.tensor([s.advantage for s in chunk], device=device)
             beta = torch.tensor([cfg.kl_beta if s.kl_beta is None else s.kl_beta for s in chunk], device=device)
-            loss, kl = policy_loss(logp, old, refs[k], adv, comp, beta, cfg.clip_eps, normalizer, cfg.agg)
+            loss, kl = policy_loss(logp, old, refs[k], adv, comp, beta, cfg.clip_eps, normalizer, cfg.agg,
+                                   cfg.kl_ratio)
             loss.backward()
             loss_sum += loss.item()
             kl_sum += (kl * comp).sum().item()

@@ -78,13 +78,13 @@ def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list
     s = stage(step, args)
     reward1, reward2 = shaped_rewards(r1, r2, args.alpha, s)
     adv1, adv2 = baseline_advantages(reward1, G), baseline_advantages(reward2, G)
-    beta1, beta2 = kl_betas(args, s)
+    kl1, kl2 = kl_betas(args, s)
     # Every sample goes in, also those with advantage 0: their KL term still holds them to the base.
-    samples = [rl.Sample(t.prompt_ids, t.ids, a.item(), beta1) for t, a in zip(first, adv1)] + \
-              [rl.Sample(t.prompt_ids, t.ids, a.item(), beta2) for t, a in zip(second, adv2)]
+    samples = [rl.Sample(t.prompt_ids, t.ids, a.item(), kl1) for t, a in zip(first, adv1)] + \
+              [rl.Sample(t.prompt_ids, t.ids, a.item(), kl2) for t, a in zip(second, adv2)]
     stats = rl.update(model, optimizer, samples, cfg, tok.pad_token_id)
     signal = ((adv1 != 0) | (adv2 != 0)).view(-1, G).any(1) if G > 1 else (adv1 != 0) | (adv2 != 0)
-    return {"reward": r2.tolist(), "r1": r1.tolist(), "shaped": reward2.tolist(), "stage": [s],
+    return {"reward": r2.tolist(), "solved": r2.tolist(), "r1": r1.tolist(), "shaped": reward2.tolist(), "stage": [s],
             "pass_any": r2.view(-1, G).max(1).values.tolist(), "signal": signal.float().tolist(),
             "tokens": [sum(len(t.ids) for t in first + second)], "reflection_len": [], "sample_s": [t_sample],
             "step_s": [time.perf_counter() - t0], **{k: [v] for k, v in stats.items()}}
@@ -96,7 +96,9 @@ def describe(stats: dict) -> dict:
     (acc_t1 / acc_t2 without the train_ prefix are the held-out eval's, added on eval steps.)"""
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     r1, r2 = stats["r1"], stats["reward"]
-    return {"stage": stats["stage"][0], **train_r3.summarize(stats), "train_acc_t1": mean(r1),
+    summary = train_r3.summarize(stats)
+    del summary["reflection_len"]  # R3's; SCoRe has no reflections
+    return {"stage": stats["stage"][0], **summary, "train_acc_t1": mean(r1),
             "train_acc_t2": mean(r2), "train_i2c": mean([float(a == 0 and b == 1) for a, b in zip(r1, r2)]),
             "train_c2i": mean([float(a == 1 and b == 0) for a, b in zip(r1, r2)]),
             "shaped_reward": mean(stats["shaped"])}
@@ -113,8 +115,8 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
     if not train:
         raise cli.UsageError("no training examples (--train-size 0?)")
     if rl.world()[0] == 0 and state["step"] < args.steps:
-        print(f"SCoRe: stage I for steps 1-{min(args.stage1_steps, args.steps)}, stage II after "
-              f"(alpha {args.alpha}, beta1 {args.beta1}, beta2 {args.beta2})")
+        stages = f"stage I for steps 1-{args.stage1_steps}, stage II after" if args.stage1_steps else "stage II only"
+        print(f"SCoRe: {stages} (alpha {args.alpha}, beta1 {args.beta1}, beta2 {args.beta2})")
     cfg = rl.UpdateConfig(args.beta1, args.clip_eps, args.updates_per_batch, args.micro_batch, agg=args.loss_agg)
     train_r3.train_loop(model, tok, optimizer, args, state, train, test,
                         lambda step, batch, seed: score_step(model, tok, optimizer, args, cfg, batch, step, seed),

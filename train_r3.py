@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--reward", default="binary", choices=["binary", "partial"],
                    help=f"binary: 1 if the verifier passes (the paper); partial: also {PARTIAL_CREDIT}")
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--train-size", type=int, default=64, help="training queries (first attempts sampled on these)")
     p.add_argument("--eval-size", type=int, default=32, help="held-out examples for the periodic eval")
     p.add_argument("--eval-every", type=int, default=10, help="steps between evals (0: never)")

@@ -111,3 +111,17 @@ def test_4bit_lora_forward_backward_and_sampling_on_cpu(tiny_model_dir):
     outs = generate(m, [ids[0].tolist()], n=2, max_new_tokens=4, temperature=1.0, seed=0,
                     pad_token_id=tok.pad_token_id)
     assert len(outs) == 2 and all(len(o) == 4 for o in outs)
+
+
+def test_pick_draws_from_the_distribution():
+    """The inverse-CDF draw: frequencies match the probabilities, zero-probability tokens never come."""
+    from sample import pick
+    probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
+    logits = torch.log(probs).expand(20000, -1)
+    draws = pick(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=6).float() / len(draws)
+    assert freq[[0, 2, 5]].sum() == 0
+    assert torch.allclose(freq, probs, atol=0.015)
+    # nucleus: top_p=0.6 keeps {1, 3} (0.5 < 0.6, then 0.8 >= 0.6), renormalised to 5/8, 3/8
+    freq_p = torch.bincount(pick(logits, 1.0, 0.6, torch.Generator().manual_seed(1)), minlength=6).float() / 20000
+    assert torch.allclose(freq_p, torch.tensor([0, 5 / 8, 0, 3 / 8, 0, 0]), atol=0.015)

@@ -112,3 +112,14 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_model_dir):
     r = subprocess.run([sys.executable, "train_r3.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and message in r.stderr and "Traceback" not in r.stderr
+
+
+def test_embedded_model_smoke_run(tmp_path):
+    """The README's command, shortened: the embedded SmolLM2 end to end through R3 (real verifier)."""
+    run = tmp_path / "smol"
+    train_r3.main(["--task", "countdown", "--steps", "2", "--train-size", "4", "--eval-size", "2",
+                   "--max-new-tokens", "8", "--reflect-tokens", "8", "--group-size", "2", "--batch-size", "2",
+                   "--eval-every", "2", "--out-dir", str(run)])
+    lines = read_metrics(run)
+    assert [r["step"] for r in lines] == [1, 2] and "acc_t2" in lines[-1]
+    assert (rl.latest_checkpoint(run) / "adapter" / "adapter_config.json").exists()

@@ -8,6 +8,10 @@ rl.group_advantages, rl.reference_logprobs, rl.update and rl.policy_loss on them
     TRL loss_type   ours (UpdateConfig.agg)
     "grpo"          "grpo"    per-completion token mean, then the batch mean
     "dapo", "bnpo"  "token"   sum over all tokens / number of tokens (one process, one batch)
+
+Two TRL 1.16 defaults are set apart: bf16=True (autocast; the comparison here is fp32 on both sides)
+and use_bias_correction_kl=True, the k3 term times the importance ratio (DeepSeek-V3.2): equal to ours
+in value on-policy but not in gradient; ours has it as UpdateConfig(kl_ratio=True), tested too.
 """
 import math
 
@@ -26,7 +30,7 @@ BETA = 0.04
 MAX_LEN = 16
 
 
-def make_trainer(model_dir, out_dir, loss_type: str, temperature: float = 1.0):
+def make_trainer(model_dir, out_dir, loss_type: str, temperature: float = 1.0, kl_ratio: bool = False):
     """A GRPOTrainer on the tiny model with a fresh LoRA made by TRL (peft_config), so TRL's reference is
     the adapter-disabled model, like ours. The LoRA is then moved off zero, so policy != reference."""
     from datasets import Dataset
@@ -38,7 +42,8 @@ def make_trainer(model_dir, out_dir, loss_type: str, temperature: float = 1.0):
     args = trl.GRPOConfig(output_dir=str(out_dir), per_device_train_batch_size=len(REWARDS), num_generations=G,
                           max_completion_length=MAX_LEN, beta=BETA, epsilon=0.2, loss_type=loss_type,
                           temperature=temperature, report_to="none", use_cpu=True, save_strategy="no",
-                          logging_strategy="no", seed=0)
+                          logging_strategy="no", seed=0, use_bias_correction_kl=kl_ratio,
+                          bf16=False)  # TRL's default is bf16 autocast; the test compares fp32 with fp32
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = trl.GRPOTrainer(model=base, reward_funcs=lambda completions, **kw: REWARDS[:len(completions)],
                               args=args, train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
@@ -75,14 +80,15 @@ def assert_same_grads(ours: dict, theirs: dict):
     assert sum(g.abs().sum() for g in ours.values()) > 0
 
 
-@pytest.mark.parametrize("loss_type, agg, temperature", [
-    ("grpo", "grpo", 1.0),
-    ("grpo", "grpo", 0.7),  # log-probs of the tempered policy, softmax(logits / T), on both sides
-    ("dapo", "token", 1.0),
-    ("bnpo", "token", 1.0),
+@pytest.mark.parametrize("loss_type, agg, temperature, kl_ratio", [
+    ("grpo", "grpo", 1.0, False),
+    ("grpo", "grpo", 0.7, False),  # log-probs of the tempered policy, softmax(logits / T), on both sides
+    ("dapo", "token", 1.0, False),
+    ("bnpo", "token", 1.0, False),
+    ("dapo", "token", 1.0, True),  # TRL's defaults: loss_type "dapo", use_bias_correction_kl
 ])
-def test_update_matches_grpo_trainer(tiny_model_dir, tmp_path, loss_type, agg, temperature):
-    trainer, tok = make_trainer(tiny_model_dir, tmp_path, loss_type, temperature)
+def test_update_matches_grpo_trainer(tiny_model_dir, tmp_path, loss_type, agg, temperature, kl_ratio):
+    trainer, tok = make_trainer(tiny_model_dir, tmp_path, loss_type, temperature, kl_ratio)
     model = trainer.model
     out = trl_batch(trainer)
     lengths = out["completion_mask"].sum(1)
@@ -111,19 +117,25 @@ def test_update_matches_grpo_trainer(tiny_model_dir, tmp_path, loss_type, agg, t
     theirs.backward()
     their_grads = lora_grads(model)
     their_kl = trainer._metrics["train"]["kl"][-1]
+    frozen = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     cfg = rl.UpdateConfig(kl_beta=BETA, clip_eps=0.2, micro_batch=5, max_grad_norm=math.inf, agg=agg,
-                          temperature=temperature)
-    stats = rl.update(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0),
-                      samples, cfg, tok.pad_token_id)
+                          temperature=temperature, kl_ratio=kl_ratio)
+    stats = rl.update(model, frozen, samples, cfg, tok.pad_token_id)
     assert stats["loss"] == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
     assert stats["kl"] == pytest.approx(their_kl, rel=1e-4, abs=1e-9) and their_kl > 0
     assert_same_grads(lora_grads(model), their_grads)
+    if kl_ratio:  # the weighted KL changes the gradient, not the on-policy loss
+        cfg.kl_ratio = False
+        plain = rl.update(model, frozen, samples, cfg, tok.pad_token_id)
+        assert plain["loss"] == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
+        with pytest.raises(AssertionError):
+            assert_same_grads(lora_grads(model), their_grads)
 
 
-@pytest.mark.parametrize("loss_type, agg", [("grpo", "grpo"), ("dapo", "token")])
-def test_clipped_ratio_matches_grpo_trainer(tiny_model_dir, tmp_path, loss_type, agg):
+@pytest.mark.parametrize("loss_type, agg, kl_ratio", [("grpo", "grpo", False), ("dapo", "token", True)])
+def test_clipped_ratio_matches_grpo_trainer(tiny_model_dir, tmp_path, loss_type, agg, kl_ratio):
     """A reused batch (old policy != current): the clipped surrogate with epsilon 0.2 on both sides."""
-    trainer, tok = make_trainer(tiny_model_dir, tmp_path, loss_type)
+    trainer, tok = make_trainer(tiny_model_dir, tmp_path, loss_type, kl_ratio=kl_ratio)
     model = trainer.model
     out = trl_batch(trainer)
     samples = our_samples(out, out["advantages"].tolist())
@@ -142,7 +154,7 @@ def test_clipped_ratio_matches_grpo_trainer(tiny_model_dir, tmp_path, loss_type,
     model.zero_grad(set_to_none=True)
     logp = rl.completion_logprobs(model, ids, attn, comp.shape[1])
     ours, _ = rl.policy_loss(logp, old, out["ref_per_token_logps"], out["advantages"], comp, BETA, clip_eps=0.2,
-                             agg=agg)
+                             agg=agg, kl_ratio=kl_ratio)
     ours.backward()
     assert ours.item() == pytest.approx(theirs.item(), rel=1e-5, abs=1e-7)
     assert_same_grads(lora_grads(model), their_grads)

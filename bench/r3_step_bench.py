@@ -1,0 +1,192 @@
+"""Where an R3 step's time goes: first attempts (the failure set), reflections, retries, the update.
+
+    python bench/r3_step_bench.py [--steps 3] [--warmup 1] [--rewards random] [-- <train_r3.py flags>]
+    python bench/r3_step_bench.py --model-config qwen2.5-1.5b --random-weights [--4bit]   # on a GPU
+
+It runs train_r3.main itself (R3, the CPU defaults of train_r3.py unless flags after `--` say
+otherwise; no eval) and times its phases from outside, by wrapping the functions the loop calls:
+rollout.sample_turns (the failure set's first attempts, then per step the reflections and the
+retries), rl.update, and train_r3.train_step (the whole step; "other" is the rest: verification,
+advantages, bookkeeping). The first attempts run once per run, not per step; they are reported as
+their own phase. Per-step phases: the median of the timed steps (after --warmup steps).
+
+--rewards random (the default) replaces the verifier's reward with seeded random numbers, so every
+group carries signal and every step runs the update (the cost measured is the full step's); with
+--rewards verifier, groups without signal are skipped, as in training. Tokens: sampled tokens for the
+sampling phases, trained (reflection) tokens for the update. --json prints one JSON line as well.
+"""
+import argparse
+import functools
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+PHASES = ("first attempts", "reflections", "retries", "update", "other")
+
+
+class Clock:
+    """Wall time of phases, with the GPU's queue drained at each edge."""
+
+    def __init__(self):
+        import torch
+        self.cuda = torch.cuda.is_available()
+        self.torch = torch
+        self.records = []          # (step or None, phase, seconds, tokens)
+        self.steps = []            # {"step_s": .., "peak_gb": ..}
+        self.step = None           # the step running now (None: outside train_step)
+        self.in_step = []          # sampling phases seen in this step, in call order
+
+    def now(self):
+        if self.cuda:
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def wrap_sampling(self, fn):
+        @functools.wraps(fn)
+        def sample_turns(*args, **kwargs):
+            t = self.now()
+            turns = fn(*args, **kwargs)
+            dt = self.now() - t
+            if self.step is None:
+                phase = "first attempts"
+            else:  # reflect_and_retry samples the reflections, then the retries
+                phase = ("reflections", "retries")[min(len(self.in_step), 1)]
+                self.in_step.append(phase)
+            self.records.append((self.step, phase, dt, sum(len(x.ids) for x in turns)))
+            return turns
+        return sample_turns
+
+    def wrap_update(self, fn):
+        @functools.wraps(fn)
+        def update(model, optimizer, samples, *args, **kwargs):
+            t = self.now()
+            out = fn(model, optimizer, samples, *args, **kwargs)
+            self.records.append((self.step, "update", self.now() - t, sum(len(s.completion_ids) for s in samples)))
+            return out
+        return update
+
+    def wrap_step(self, fn):
+        @functools.wraps(fn)
+        def train_step(*args, **kwargs):
+            self.step, self.in_step = len(self.steps), []
+            if self.cuda:
+                self.torch.cuda.reset_peak_memory_stats()
+            t = self.now()
+            out = fn(*args, **kwargs)
+            dt = self.now() - t
+            peak = self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+            inside = sum(r[2] for r in self.records if r[0] == self.step)
+            self.records.append((self.step, "other", dt - inside, 0))
+            self.steps.append({"step_s": dt, "peak_gb": peak, "signal": out.get("signal", [])})
+            self.step = None
+            return out
+        return train_step
+
+
+def summarize(clock: Clock, warmup: int) -> dict:
+    timed = list(range(warmup, len(clock.steps)))
+    rows = {}
+    for phase in PHASES:
+        if phase == "first attempts":
+            recs = [r for r in clock.records if r[1] == phase]
+            secs, toks = sum(r[2] for r in recs), sum(r[3] for r in recs)
+        else:
+            per = [[r for r in clock.records if r[0] == s and r[1] == phase] for s in timed]
+            secs = statistics.median(sum(r[2] for r in p) for p in per) if per else 0.0
+            toks = statistics.median(sum(r[3] for r in p) for p in per) if per else 0
+        rows[phase] = {"s": secs, "tokens": toks, "tok_s": toks / secs if secs > 0 and toks else None}
+    steps = [clock.steps[s] for s in timed]
+    peaks = [s["peak_gb"] for s in steps if s["peak_gb"] is not None]
+    signal = [x for s in steps for x in s["signal"]]
+    return {"phases": rows, "step_s": statistics.median(s["step_s"] for s in steps) if steps else 0.0,
+            "peak_gb": max(peaks) if peaks else None, "signal_frac": sum(signal) / len(signal) if signal else None,
+            "timed_steps": len(steps)}
+
+
+def print_table(result: dict, title: str):
+    print(f"\n{title}\n")
+    print("| phase | seconds | tokens | tokens/s | share of step |")
+    print("|---|---|---|---|---|")
+    for phase, row in result["phases"].items():
+        share = "(once per run)" if phase == "first attempts" else f"{100 * row['s'] / result['step_s']:.0f}%"
+        tok_s = f"{row['tok_s']:.0f}" if row["tok_s"] else "-"
+        print(f"| {phase} | {row['s']:.2f} | {row['tokens']:.0f} | {tok_s} | {share} |")
+    peak = f", peak GPU memory {result['peak_gb']:.2f} GiB" if result["peak_gb"] is not None else ""
+    print(f"| **step (reflections .. other)** | **{result['step_s']:.2f}** | | | 100% |")
+    print(f"\nmedian of {result['timed_steps']} steps; groups with signal {result['signal_frac']}{peak}")
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--rewards", default="random", choices=["random", "verifier"])
+    p.add_argument("--model-config", default=None, help="build a model of this shape (bench/<name>.json or tiny)")
+    p.add_argument("--random-weights", action="store_true", help="with --model-config: random weights (required)")
+    p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="NF4 base weights + LoRA (QLoRA)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory for --model-config (default: embedded)")
+    p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    own, rest = p.parse_known_args(argv)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if own.model_config and not own.random_weights:
+        p.error("--model-config builds a model with random weights: pass --random-weights too")
+    return own, rest
+
+
+def main(argv=None):
+    own, train_argv = parse(argv)
+    import rl
+    import rollout
+    import train_r3
+    work = tempfile.mkdtemp(prefix="r3-step-bench-")
+    if own.model_config:
+        import torch
+
+        import random_model
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        t = time.perf_counter()
+        model_dir = random_model.build(own.model_config, os.path.join(work, "model"), own.tokenizer, device=device)
+        print(f"random {own.model_config} model written to {model_dir} in {time.perf_counter() - t:.0f}s", flush=True)
+        train_argv = ["--model", str(model_dir)] + train_argv
+    if own.load_in_4bit:
+        train_argv = ["--4bit"] + train_argv
+    argv = ["--method", "r3"] + train_argv + ["--steps", str(own.warmup + own.steps), "--eval-every", "0",
+                                              "--save-every", str(10**9), "--out-dir", os.path.join(work, "run")]
+    args = train_r3.parse_args(argv)
+
+    clock = Clock()
+    rollout.sample_turns = clock.wrap_sampling(rollout.sample_turns)
+    rl.update = clock.wrap_update(rl.update)
+    train_r3.train_step = clock.wrap_step(train_r3.train_step)
+    if own.rewards == "random":
+        rng = random.Random(0)
+        train_r3.reward = lambda verdict, kind="binary": rng.random()
+    t = time.perf_counter()
+    train_r3.main(argv)
+    wall = time.perf_counter() - t
+    result = summarize(clock, own.warmup)
+    result.update({"config": {k: str(v) for k, v in vars(args).items() if k in (
+        "model", "task", "group_size", "batch_size", "micro_batch", "max_new_tokens", "reflect_tokens",
+        "lora_r", "load_in_4bit", "train_size")}, "rewards": own.rewards, "wall_s": wall})
+    c = result["config"]
+    print_table(result, f"R3 step on {own.model_config or c['model']}{' (4-bit + LoRA)' if own.load_in_4bit else ''}: "
+                        f"{c['batch_size']} failed queries x {c['group_size']} reflections, reflections "
+                        f"<= {c['reflect_tokens']} tokens, attempts/retries <= {c['max_new_tokens']}, LoRA r="
+                        f"{c['lora_r']}, micro-batch {c['micro_batch']}, rewards {own.rewards}; run {wall:.0f}s")
+    if own.json:
+        print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()

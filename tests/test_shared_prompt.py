@@ -1,0 +1,59 @@
+"""rl.shared_prompt_logprobs (each distinct prompt run once, its cache shared by its group) gives the
+log-probs and LoRA gradients of the plain way: every completion with its own copy of the prompt."""
+import pytest
+import torch
+
+import model as model_lib
+import rl
+
+
+@pytest.fixture(scope="module")
+def lora_tiny(tiny_model_dir):
+    torch.manual_seed(0)
+    m, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+    g = torch.Generator().manual_seed(1)
+    for name, p in m.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.05  # the adapter off != on
+    return m, tok
+
+
+def samples(tok):
+    a, b = tok("Hello, my name is")["input_ids"], tok("The capital of France is a city that has many")["input_ids"]
+    c = tok("1 2 3")["input_ids"]
+    comps = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19], [20], [21, 22, 23]]
+    prompts = [a, a, a, b, b, c, a]  # groups, a lone prompt, and a prompt seen again later
+    return [rl.Sample(p, x, 0.0) for p, x in zip(prompts, comps)]
+
+
+def grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature):
+    m, tok = lora_tiny
+    batch = samples(tok)
+    ids, attn, comp = rl.pad_batch(batch, tok.pad_token_id, "cpu")
+    weights = torch.randn(comp.shape, generator=torch.Generator().manual_seed(3))
+
+    m.zero_grad(set_to_none=True)
+    plain = rl.completion_logprobs(m, ids, attn, comp.shape[1], temperature)
+    (plain * weights * comp).sum().backward()
+    plain_grads = grads(m)
+
+    m.zero_grad(set_to_none=True)
+    shared, shared_mask = rl.shared_prompt_logprobs(m, batch, tok.pad_token_id, "cpu", temperature)
+    (shared * weights * shared_mask).sum().backward()
+    assert torch.equal(shared_mask, comp)
+    torch.testing.assert_close(shared * comp, plain * comp, rtol=0, atol=1e-5)
+    shared_grads = grads(m)
+    assert shared_grads.keys() == plain_grads.keys() and plain_grads
+    for name in plain_grads:
+        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+    with torch.no_grad(), m.disable_adapter():  # the reference: the same with the adapter off
+        ref_shared, _ = rl.shared_prompt_logprobs(m, batch, tok.pad_token_id, "cpu", temperature)
+    ref_plain = rl.reference_logprobs(m, ids, attn, comp.shape[1], temperature)
+    torch.testing.assert_close(ref_shared * comp, ref_plain * comp, rtol=0, atol=1e-5)
+    assert not torch.allclose(ref_plain * comp, plain.detach() * comp)
