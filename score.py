@@ -73,8 +73,10 @@ def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list
     second = rollout.correct(model, tok, args.task, [ex for ex in examples for _ in range(G)], first,
                              Gen(args.max_new_tokens, args.temperature, seed=step_seed + 1))
     t_sample = time.perf_counter() - t0
-    r1 = torch.tensor([float(t.verdict.correct) for t in first])
-    r2 = torch.tensor([float(t.verdict.correct) for t in second])
+    c1 = [float(t.verdict.correct) for t in first]
+    c2 = [float(t.verdict.correct) for t in second]
+    r1 = torch.tensor([train_r3.reward(t.verdict, args.reward) for t in first])  # = c1 unless --reward partial
+    r2 = torch.tensor([train_r3.reward(t.verdict, args.reward) for t in second])
     s = stage(step, args)
     reward1, reward2 = shaped_rewards(r1, r2, args.alpha, s)
     adv1, adv2 = baseline_advantages(reward1, G), baseline_advantages(reward2, G)
@@ -84,8 +86,8 @@ def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list
               [rl.Sample(t.prompt_ids, t.ids, a.item(), kl2) for t, a in zip(second, adv2)]
     stats = rl.update(model, optimizer, samples, cfg, tok.pad_token_id)
     signal = ((adv1 != 0) | (adv2 != 0)).view(-1, G).any(1) if G > 1 else (adv1 != 0) | (adv2 != 0)
-    return {"reward": r2.tolist(), "solved": r2.tolist(), "r1": r1.tolist(), "shaped": reward2.tolist(), "stage": [s],
-            "pass_any": r2.view(-1, G).max(1).values.tolist(), "signal": signal.float().tolist(),
+    return {"reward": r2.tolist(), "solved": c2, "c1": c1, "shaped": reward2.tolist(), "stage": [s],
+            "pass_any": torch.tensor(c2).view(-1, G).max(1).values.tolist(), "signal": signal.float().tolist(),
             "tokens": [sum(len(t.ids) for t in first + second)], "reflection_len": [], "sample_s": [t_sample],
             "step_s": [time.perf_counter() - t0], **{k: [v] for k, v in stats.items()}}
 
@@ -95,7 +97,7 @@ def describe(stats: dict) -> dict:
     samples: accuracy at each attempt, the flips wrong->right (i2c) and right->wrong (c2i), the stage.
     (acc_t1 / acc_t2 without the train_ prefix are the held-out eval's, added on eval steps.)"""
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
-    r1, r2 = stats["r1"], stats["reward"]
+    r1, r2 = stats["c1"], stats["solved"]  # correctness at each attempt
     summary = train_r3.summarize(stats)
     del summary["reflection_len"]  # R3's; SCoRe has no reflections
     return {"stage": stats["stage"][0], **summary, "train_acc_t1": mean(r1),
@@ -117,7 +119,8 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
     if rl.world()[0] == 0 and state["step"] < args.steps:
         stages = f"stage I for steps 1-{args.stage1_steps}, stage II after" if args.stage1_steps else "stage II only"
         print(f"SCoRe: {stages} (alpha {args.alpha}, beta1 {args.beta1}, beta2 {args.beta2})")
-    cfg = rl.UpdateConfig(args.beta1, args.clip_eps, args.updates_per_batch, args.micro_batch, agg=args.loss_agg)
+    cfg = rl.UpdateConfig(args.beta1, args.clip_eps, args.updates_per_batch, args.micro_batch, agg=args.loss_agg,
+                          temperature=args.temperature)
     train_r3.train_loop(model, tok, optimizer, args, state, train, test,
                         lambda step, batch, seed: score_step(model, tok, optimizer, args, cfg, batch, step, seed),
                         describe=describe)

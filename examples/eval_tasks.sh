@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The embedded model's two-try table on every task (README "Results"). ~15 min on a 2-core CPU.
-#   bash examples/eval_tasks.sh [--model ...]
+# The embedded model's two-try table on every task (README "Results"). ~20 min on a 2-core CPU.
+#   bash examples/eval_tasks.sh [--model ...]    (a rerun reuses finished examples)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python eval.py --task countdown --n ${N:-50} --out evals/tasks "$@"
-python eval.py --task function_calling --n ${N:-50} --out evals/tasks "$@"
-python eval.py --task math --n ${N_LONG:-30} --out evals/tasks "$@"
-python eval.py --task code --n ${N_LONG:-30} --out evals/tasks "$@"
+python eval.py --task function_calling --n ${N_LONG:-16} --out evals/tasks "$@"
+python eval.py --task math --n ${N_LONG:-16} --out evals/tasks "$@"
+python eval.py --task code --n ${N_LONG:-16} --out evals/tasks "$@"

@@ -127,4 +127,4 @@ def test_update_skips_nothing_and_steps(tiny_model_dir):
         stats = rl.update(m, opt, samples, rl.UpdateConfig(kl_beta=0.1, micro_batch=micro), tok.pad_token_id)
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]))
         assert stats["kl"] > 0 and stats["grad_norm"] > 0
-    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)  # float rounding: a group's prompt is run once

@@ -49,8 +49,8 @@ def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature):
     torch.testing.assert_close(shared * comp, plain * comp, rtol=0, atol=1e-5)
     shared_grads = grads(m)
     assert shared_grads.keys() == plain_grads.keys() and plain_grads
-    for name in plain_grads:
-        torch.testing.assert_close(shared_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name in plain_grads:  # equal up to float rounding: the same sums in another order
+        assert (shared_grads[name] - plain_grads[name]).norm() <= 1e-4 * plain_grads[name].norm(), name
 
     with torch.no_grad(), m.disable_adapter():  # the reference: the same with the adapter off
         ref_shared, _ = rl.shared_prompt_logprobs(m, batch, tok.pad_token_id, "cpu", temperature)

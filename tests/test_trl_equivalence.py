@@ -75,8 +75,8 @@ def lora_grads(model) -> dict:
 
 def assert_same_grads(ours: dict, theirs: dict):
     assert ours.keys() == theirs.keys() and len(ours) > 0
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-4, atol=1e-7, msg=name)
+    for name in ours:  # equal up to float rounding (a different order of the same sums): relative to the norm
+        assert (ours[name] - theirs[name]).norm() <= 1e-4 * theirs[name].norm(), name
     assert sum(g.abs().sum() for g in ours.values()) > 0
 
 
