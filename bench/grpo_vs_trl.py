@@ -8,14 +8,16 @@ countdown first-attempt prompts in the same order (prompts x group-size completi
 temperature 1, fixed-length generation (ours: sample.generate(ignore_stop=True); TRL: min_new_tokens =
 max_completion_length), the same loss (loss_type grpo, beta 0.001 with the adapter-disabled model as
 the reference, eps 0.2, no KL ratio weighting), AdamW at lr 1e-4, gradient clipping at 1.0, and one
-optimizer step per sampled batch. Rewards are seeded random numbers on both sides, so every group
-carries signal and both update on every completion (the verifier's cost is not what is measured).
+optimizer step per sampled batch. TRL keeps its own defaults otherwise: gradient checkpointing on
+(--trl-checkpointing off to compare without), its fused chunked log-prob LM head. Rewards are seeded
+random numbers on both sides, so every group carries signal and both update on every completion
+(the verifier's cost is not what is measured).
 
 Each side runs in its own process (so peak RSS, VmHWM, is its own): a warm-up step, then --max-steps
 timed steps; medians are reported. The last column is TRL / ours for times and memory, ours / TRL
-for tokens/s: above 1 means ours is better. "sampling" = tokenize + generate + decode + reward; "update" =
-the rest of the step: reference and policy log-probs, loss, backward, optimizer step (and, for TRL,
-its trainer loop around them).
+for tokens/s: above 1 means ours is better. "sampling" = tokenize + generate + decode + reward;
+"update" = the rest of the step: reference and policy log-probs, loss, backward, optimizer step (and,
+for TRL, its trainer loop around them).
 """
 import argparse
 import functools
@@ -114,6 +116,7 @@ def run_trl(a) -> dict:
         max_completion_length=a.max_new_tokens, generation_kwargs={"min_new_tokens": a.max_new_tokens},
         temperature=1.0, beta=a.kl_beta, epsilon=0.2, loss_type=a.loss, use_bias_correction_kl=False,
         learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0, max_steps=n_steps,
+        gradient_checkpointing=a.trl_checkpointing == "on",
         bf16=False, use_cpu=True, report_to="none", save_strategy="no", logging_steps=10**6, disable_tqdm=True,
         shuffle_dataset=False, seed=0, dataloader_num_workers=0)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, processing_class=tok,
@@ -176,6 +179,8 @@ def main():
     p.add_argument("--kl-beta", type=float, default=0.001)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=16, help="sequences per forward/backward, both sides")
+    p.add_argument("--trl-checkpointing", default="on", choices=["on", "off"],
+                   help="TRL's gradient checkpointing (its default: on; ours has none)")
     p.add_argument("--sides", nargs="+", default=["ours", "trl"], choices=["ours", "trl"])
     p.add_argument("--side", default=None, help=argparse.SUPPRESS)  # internal: run one side, print JSON
     a = p.parse_args()
@@ -203,6 +208,7 @@ def main():
     import torch
     print(f"\nmodel={a.model} cpu threads={torch.get_num_threads()} batch={a.prompts} prompts x {a.group_size} "
           f"completions x {a.max_new_tokens} tokens, loss={a.loss}, lora r={a.lora_r}, micro-batch {a.micro_batch}, "
+          f"TRL gradient checkpointing {a.trl_checkpointing}, "
           f"median of {a.max_steps} steps after {a.warmup} warm-up; bench wall {time.perf_counter() - t0:.0f}s\n")
     rows = [("sampling s/step", "sample", "{:.2f}", True), ("update s/step", "update", "{:.2f}", True),
             ("total s/step", "step", "{:.2f}", True), ("sampling tokens/s", "tok_s", "{:.0f}", False),
