@@ -31,6 +31,7 @@ import gc
 import importlib.util
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -130,14 +131,17 @@ def main(argv=None):
     gpu = torch.cuda.get_device_name() if device == "cuda" else "CPU (dry run)"
     print(f"{gpu}: random {a.model_config} model in {model_dir} ({time.perf_counter() - t0:.0f}s)", flush=True)
 
-    samples = sampling_rows(model_dir, device, a)
-    r3 = {"bf16": r3_step(model_dir, False, a)}
-    if a.skip_4bit or device != "cuda":
-        r3["4-bit + LoRA"] = "skipped (needs CUDA)" if device != "cuda" else "skipped (--skip-4bit)"
-    elif importlib.util.find_spec("bitsandbytes") is None:
-        r3["4-bit + LoRA"] = "skipped: bitsandbytes is not installed (see this script's docstring)"
-    else:
-        r3["4-bit + LoRA"] = r3_step(model_dir, True, a)
+    try:
+        samples = sampling_rows(model_dir, device, a)
+        r3 = {"bf16": r3_step(model_dir, False, a)}
+        if a.skip_4bit or device != "cuda":
+            r3["4-bit + LoRA"] = "skipped (needs CUDA)" if device != "cuda" else "skipped (--skip-4bit)"
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            r3["4-bit + LoRA"] = "skipped: bitsandbytes is not installed (see this script's docstring)"
+        else:
+            r3["4-bit + LoRA"] = r3_step(model_dir, True, a)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
     print(f"\n{gpu}, torch {torch.__version__}, model {a.model_config} (random weights, bf16), "
           f"wall {time.perf_counter() - t0:.0f}s\n")

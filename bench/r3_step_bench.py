@@ -20,6 +20,7 @@ import functools
 import json
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -172,7 +173,10 @@ def main(argv=None):
         rng = random.Random(0)
         train_r3.reward = lambda verdict, kind="binary": rng.random()
     t = time.perf_counter()
-    train_r3.main(argv)
+    try:
+        train_r3.main(argv)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     wall = time.perf_counter() - t
     result = summarize(clock, own.warmup)
     result.update({"config": {k: str(v) for k, v in vars(args).items() if k in (
