@@ -55,13 +55,16 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
 
 def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path):
     steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0"]
+    # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
+    # uninterrupted runs were seen to drift apart by rounding within a few steps at this learning rate.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     straight = tmp_path / "straight"
     subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, straight, *steps)], check=True,
-                   capture_output=True, timeout=300)
+                   capture_output=True, timeout=300, env=env)
 
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, SCRIPT, *small_args(tiny_model_dir, killed, *steps)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline:  # kill as soon as step 3's checkpoint is published
         ckpt = rl.latest_checkpoint(killed) if (killed / "latest").exists() else None
@@ -75,7 +78,7 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path):
     assert 3 <= killed_at < 6, "the run finished before it could be killed"
 
     r = subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, killed, *steps, "--resume")],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert f"resumed from" in r.stdout and f"at step {killed_at}" in r.stdout
     after = (killed / "metrics.jsonl").read_text()
