@@ -9,6 +9,7 @@ batch ends (tests/test_train.py checks it, and that the ranks' adapters agree af
 """
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -87,14 +88,60 @@ def setup(args):
             print(f"resumed from {ckpt} at step {state['step']}")
     if rank == 0:
         (args.out_dir / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+        open_trackers(args)
     return model, tok, optimizer, state, rank, size
 
 
 # ---------------------------------------------------------------------------------------------- logging and eval
 
 def log_line(args, record: dict):
+    """One metrics record: a line of metrics.jsonl, and the same numbers to --wandb / --tensorboard."""
     with open(args.out_dir / "metrics.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+    numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    for track in _trackers:
+        track(record.get("step", 0), numbers)
+
+
+_trackers, _closers = [], []  # set by open_trackers (rank 0 only), fed by log_line
+
+
+def open_trackers(args):
+    """--wandb / --tensorboard: experiment tracking with the same metrics as metrics.jsonl (off by default).
+    wandb runs offline when no API key is set up (sync later with `wandb sync`); a missing package is one line."""
+    if getattr(args, "wandb", False):
+        try:
+            import wandb
+        except ImportError:
+            raise cli.UsageError("--wandb needs the wandb package: pip install wandb")
+        netrc = Path.home() / ".netrc"
+        has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+        if not os.environ.get("WANDB_MODE") and not has_key:
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"wandb: no API key, logging offline to {args.out_dir}/wandb (upload later: wandb sync <that dir>)")
+        run = wandb.init(project=args.wandb, name=args.out_dir.name, dir=str(args.out_dir), resume="allow",
+                         id=f"{args.out_dir.name}-{args.seed}", config={k: str(v) for k, v in vars(args).items()})
+        _trackers.append(lambda step, numbers: run.log(numbers, step=step))
+        _closers.append(run.finish)
+    if getattr(args, "tensorboard", False):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise cli.UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(str(args.out_dir / "tensorboard"))
+
+        def write(step, numbers):
+            for name, value in numbers.items():
+                writer.add_scalar(name, value, step)
+            writer.flush()
+        _trackers.append(write)
+        _closers.append(writer.close)
+
+
+def close_trackers():
+    while _closers:
+        _closers.pop()()
+    _trackers.clear()
 
 
 def evaluate(model, tok, args, test: list[dict], rank: int, size: int) -> dict:

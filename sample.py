@@ -10,6 +10,8 @@ import argparse
 import functools
 
 import torch
+
+import cli
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -173,5 +175,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main)

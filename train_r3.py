@@ -13,6 +13,7 @@ reflection tokens only. GRPO: sample G first attempts; reward = the verifier; GR
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -32,6 +33,9 @@ from rollout import Gen
 
 # Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
 # q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
+# --quick: the whole loop (failure set, reflections, retries, update, checkpoint, two-try eval) at toy size.
+QUICK = {"steps": 2, "train_size": 8, "eval_size": 4, "batch_size": 2, "group_size": 2, "max_new_tokens": 24,
+         "reflect_tokens": 24, "k": 2, "sft_epochs": 1, "eval_every": 2}
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
 
@@ -74,6 +78,11 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default=None, help="run directory (default runs/<task>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="a check that the whole loop runs, in minutes on a laptop "
+                   f"CPU: sets {QUICK} (flags you give win)")
+    p.add_argument("--wandb", nargs="?", const="r3", default=None, metavar="PROJECT",
+                   help="also log the metrics to Weights & Biases (project 'r3' unless named; offline without an API key)")
+    p.add_argument("--tensorboard", action="store_true", help="also log the metrics to <out-dir>/tensorboard")
     # SCoRe and Re-ReST (score.py, rerest.py) read their own flags from the same namespace.
     p.add_argument("--alpha", type=float, default=10.0, help="SCoRe reward-shaping bonus alpha (paper: 10)")
     p.add_argument("--beta1", type=float, default=0.01, help="SCoRe KL coefficient beta1 (paper: 0.01)")
@@ -85,6 +94,13 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="Re-ReST: samples per input")
     p.add_argument("--sft-epochs", type=int, default=3, help="Re-ReST: epochs of supervised fine-tuning (paper: 3)")
     args = p.parse_args(argv)
+    if args.quick:  # the preset fills only the flags the user did not give
+        words = sys.argv[1:] if argv is None else list(argv)
+        given = {act.dest for act in p._actions for opt in act.option_strings
+                 for w in words if w == opt or w.startswith(opt + "=")}
+        for name, value in QUICK.items():
+            if name not in given:
+                setattr(args, name, value)
     if args.method == "score" and args.kl_beta is not None:
         p.error("--kl-beta is R3/GRPO's; SCoRe's KL coefficients are --beta1 and --beta2")
     if args.group_size < 2 and args.method in ("r3", "grpo"):
@@ -209,6 +225,7 @@ def main(argv=None):
                               agg=args.loss_agg, temperature=args.temperature)
         loop.train_loop(model, tok, optimizer, args, state, queries, test,
                         lambda step, batch, seeds: train_step(model, tok, optimizer, args, cfg, batch, seeds))
+    loop.close_trackers()
     if rank == 0:
         print(f"done: {args.out_dir}/metrics.jsonl, adapter in {rl.latest_checkpoint(args.out_dir)}/adapter")
     if size > 1:
