@@ -201,16 +201,28 @@ def _maybe_json(value):
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _equal(a, b) -> bool:
-    """JSON equality where 3 == 3.0 but True != 1 and "3" != 3."""
+# BFCL forgives differences of case, spacing and a few punctuation marks in strings ("April 1,
+# 2024" == "april 1 2024") and treats ' and " alike; these are its rules, in our own code.
+_STRING_NOISE = str.maketrans("", "", " ,./-_*^")
+
+
+def _loose(text: str) -> str:
+    return text.translate(_STRING_NOISE).lower().replace("'", '"')
+
+
+def _equal(a, b, loose: bool = False) -> bool:
+    """JSON equality where 3 == 3.0 but True != 1 and "3" != 3; `loose` compares strings the
+    way BFCL does."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_equal(a[k], b[k], loose) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y, loose) for x, y in zip(a, b))
+    if loose and isinstance(a, str) and isinstance(b, str):
+        return _loose(a) == _loose(b)
     return type(a) is type(b) and a == b
 
 
@@ -222,7 +234,7 @@ def _fits_option(value, option) -> bool:
         return _argument_problem(value, spec, bfcl=True) is None
     if isinstance(option, list) and isinstance(value, list):
         return len(option) == len(value) and all(map(_fits_option, value, option))
-    return _equal(value, option)
+    return _equal(value, option, loose=True)
 
 
 def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
@@ -248,8 +260,101 @@ def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
     return None
 
 
+# Schema types (BFCL's names and JSON Schema's) -> does a value have that type. As in BFCL, an
+# int passes for a float (Python widens it) but a float never passes for an integer, and bool
+# is not a number. Array items are checked one level deep, without the int -> float widening.
+_TYPES = {"string": (str,), "any": (str,), "integer": (int,), "float": (float,),
+          "number": (float,), "boolean": (bool,), "array": (list,), "tuple": (list,),
+          "dict": (dict,), "object": (dict,)}
+
+
+def _has_type(value, kind: str, top: bool) -> bool:
+    if top and kind in ("float", "number") and type(value) is int:
+        return True
+    return type(value) in _TYPES[kind]
+
+
+_NONE_GIVEN = object()  # not None: a gold value may be null
+
+
+def _first_given(options) -> object:
+    given = (o for o in options if o != "") if isinstance(options, list) else ()
+    return next(given, _NONE_GIVEN)
+
+
+def _type_problem(value, spec, options: list) -> str | None:
+    """Does `value` have the schema's type? BFCL lets a value whose type is that of the gold
+    answer's pass too (the gold may name a variable, as a string, for a number)."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in _TYPES:  # untyped or a type we do not know: the gold values decide
+        return None
+    example = _first_given(options)
+    if not _has_type(value, kind, top=True):
+        if example is not _NONE_GIVEN and type(value) is type(example):
+            return None
+        return f"expected {kind}, got {type(value).__name__}"
+    items = spec.get("items")
+    item_kind = items.get("type") if isinstance(items, dict) else None
+    if kind not in ("array", "tuple") or item_kind not in _TYPES:
+        return None
+    for option in options:  # every item must fit, against at least one gold list
+        if not isinstance(option, list):
+            return None
+        sample = _first_given(option)
+        if all(_has_type(item, item_kind, top=False) or
+               (sample is not _NONE_GIVEN and type(item) is type(sample)) for item in value):
+            return None
+    return f"expected a list of {item_kind}"
+
+
+def _schemas(example: dict) -> dict:
+    """Tool name -> (properties, required) for tools with a JSON-Schema-style parameter object
+    (BFCL's and OpenAI's); tools without one (xlam's flat form) are not schema-checked."""
+    tools = example.get("tools", example.get("function"))
+    tools = _maybe_json(tools) if isinstance(tools, (str, list)) else []
+    schemas = {}
+    for tool in tools if isinstance(tools, list) else []:
+        tool = tool.get("function", tool) if isinstance(tool, dict) else None
+        params = tool.get("parameters") if isinstance(tool, dict) else None
+        props = params.get("properties") if isinstance(params, dict) else None
+        if isinstance(props, dict) and isinstance(tool.get("name"), str):
+            required = params.get("required")
+            required = [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
+            schemas.setdefault(tool["name"], (props, required))
+    return schemas
+
+
+def _schema_problem(args: dict, gold: dict, schema, bfcl: bool) -> str | None:
+    """Arguments against the tool's own schema: no unknown ones, every required one, types."""
+    if schema is None:
+        return None
+    props, required = schema
+    for key in required:
+        if key not in args:
+            return f"missing required argument {key!r}"
+    for key, value in args.items():
+        if key not in props:
+            return f"the tool has no argument {key!r}"
+        if key in gold:
+            options = gold[key] if bfcl else [gold[key]]
+            problem = _type_problem(value, props[key], options if isinstance(options, list) else [])
+        else:
+            problem = _type_problem(value, props[key], [])
+        if problem:
+            return f"argument {key!r}: {problem}"
+    return None
+
+
+def _call_problem(name, args, g_name, g_args, schemas, bfcl) -> str | None:
+    if name != g_name:
+        return f"called {name}, expected {g_name}"
+    return (_schema_problem(args, g_args, schemas.get(name), bfcl)
+            or _argument_problem(args, g_args, bfcl))
+
+
 def _perfect_matching(fits: list[list[bool]]) -> bool:
-    """Can every model call be paired with a distinct gold call it fits (Kuhn's algorithm)?"""
+    """Can every model call be paired with a distinct gold call it fits (Kuhn's algorithm)?
+    BFCL pairs greedily, in order, and so misses some valid pairings of parallel calls."""
     owner = {}  # gold index -> model index
 
     def place(i, seen):
@@ -264,29 +369,43 @@ def _perfect_matching(fits: list[list[bool]]) -> bool:
     return all(place(i, set()) for i in range(len(fits)))
 
 
+def _gold_calls(example: dict):
+    if "ground_truth" in example:
+        return True, [item for entry in _maybe_json(example["ground_truth"])
+                      for item in entry.items()]
+    return False, [(a["name"], _maybe_json(a["arguments"])) for a in _maybe_json(example["answers"])]
+
+
 def function_call(text: str, example: dict) -> Verdict:
     """Calls must equal the gold calls as a multiset: same names, same argument names and values.
     Gold is xlam form (example["answers"]: [{name, arguments}]) or BFCL form
-    (example["ground_truth"]: [{name: {arg: [allowed values]}}])."""
+    (example["ground_truth"]: [{name: {arg: [allowed values]}}]). Where the example carries the
+    tools with a JSON-Schema-style parameter object ("tools" or BFCL's "function"), arguments are
+    also checked against it as BFCL does: no unknown ones, every required one, and their types
+    (a float is not an integer). BFCL-form strings compare as BFCL's do (case, spaces and
+    ,./-_*^ ignored). Two places where we keep our own rule over BFCL's checker: parallel calls
+    may come in any order (BFCL's greedy pairing misses some), and [] is a value, not the
+    omission of an optional list argument."""
     calls = _model_calls(text)
     if isinstance(calls, str):
         return _fail("format", calls)
-    bfcl = "ground_truth" in example
-    if bfcl:
-        gold = [item for entry in _maybe_json(example["ground_truth"]) for item in entry.items()]
-    else:
-        gold = [(a["name"], _maybe_json(a["arguments"])) for a in _maybe_json(example["answers"])]
+    try:
+        bfcl, gold = _gold_calls(example)
+        schemas = _schemas(example)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        return _fail("invalid_example", f"the example's gold calls are unreadable ({e!r})")
     names, gold_names = sorted(n for n, _ in calls), sorted(n for n, _ in gold)
     if names != gold_names:  # multisets of tool names differ
         return _fail("wrong_tool", f"called {names} but expected {gold_names}")
-    fits = [[name == g_name and _argument_problem(args, g_args, bfcl) is None
+    fits = [[_call_problem(name, args, g_name, g_args, schemas, bfcl) is None
              for g_name, g_args in gold] for name, args in calls]
     if _perfect_matching(fits):
         return Verdict(True)
     for j, (g_name, g_args) in enumerate(gold):  # report the first gold call nobody fits
         if not any(row[j] for row in fits):
             args = next(args for name, args in calls if name == g_name)
-            return _fail("wrong_arguments", f"{g_name}: {_argument_problem(args, g_args, bfcl)}")
+            problem = _call_problem(g_name, args, g_name, g_args, schemas, bfcl)
+            return _fail("wrong_arguments", f"{g_name}: {problem}")
     return _fail("wrong_arguments", "the calls do not match the expected arguments one-to-one")
 
 
