@@ -8,9 +8,11 @@ Standard library only.
 import json
 import os
 import re
+import time
 from dataclasses import dataclass
 from fractions import Fraction
 
+import math_equiv
 import sandbox
 
 
@@ -460,6 +462,7 @@ def _normalize(answer: str) -> str:
     for old, new in _LATEX_NOISE:
         answer = answer.replace(old, new)
     answer = re.sub(r"^\*+|[*.]+$", "", "".join(answer.split()))  # markdown bold, final period
+    answer = answer.replace("{,}", ",")  # 1{,}940: LaTeX's way to keep a thousands comma tight
     answer = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", answer)
     answer = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", answer)
     if answer.count("=") == 1 and re.match(r"[A-Za-z]\w*=", answer):  # "x=5" -> "5"
@@ -486,6 +489,7 @@ def _as_number(answer: str) -> Fraction | None:
 def math(text: str, example: dict) -> Verdict:
     """Final answer (last \\boxed{}, else "#### x", else "the (final) answer is x") must equal
     example["answer"] after LaTeX normalisation, or as a number."""
+    start = time.monotonic()
     found = _final_answer(text)
     if found is None or not found.strip():
         return _fail("format", "no final answer found (put it in \\boxed{...})")
@@ -498,6 +502,8 @@ def math(text: str, example: dict) -> Verdict:
         return Verdict(True)
     a, b = _as_number(ours), _as_number(theirs)
     if a is not None and a == b:
+        return Verdict(True)
+    if math_equiv.equal(ours, theirs, seconds=0.8 - (time.monotonic() - start)):
         return Verdict(True)
     return _fail("wrong_answer", f"final answer {_clip(found.strip())} is not correct")
 
