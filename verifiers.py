@@ -413,7 +413,7 @@ MAX_ANSWER_CHARS = 1000
 _ANSWER_TAIL = 10_000  # answer sentences are looked for only this far from the end
 _ANSWER_SENTENCE = re.compile(r"(?:final answer|the answer)\s*(?:is|:|=)\s*:?(?=([^\n]*))", re.I)
 _GSM8K_ANSWER = re.compile(r"####(?=([^\n]*))")
-_TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
+_TEXT_GROUP = re.compile(r"\\(?:textbf|textit|text|mbox|mathrm|mathbf|textrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 _FRAC = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}")
 _LATEX_NOISE = [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
