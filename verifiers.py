@@ -3,10 +3,12 @@
 Every reward in the project comes from here, so these are strict, exact and safe on hostile
 input: no eval, exact rational arithmetic, capped input sizes, regexes that cannot backtrack
 badly, and model-written code runs only in a separate, resource-limited process (see `code`).
-Standard library only.
+No verifier raises: whatever the input, the answer is a Verdict (see _never_raises).
+Standard library only; the math verifier uses sympy (math_equiv.py) when it is installed, as it
+is with torch, and the code sandbox lives in sandbox.py.
 """
+import functools
 import json
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -25,6 +27,20 @@ class Verdict:
 
 def _fail(error: str, message: str) -> Verdict:
     return Verdict(False, error, message)
+
+
+def _never_raises(verifier):
+    """A verifier's answer is a Verdict, whatever the input: a malformed example (a missing or
+    mistyped field) or an input we did not foresee fails closed instead of raising."""
+    @functools.wraps(verifier)
+    def safe(text, example, *args, **kwargs):
+        try:
+            if not isinstance(text, str) or not isinstance(example, dict):
+                raise TypeError("the completion must be a str and the example a dict")
+            return verifier(text, example, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 -- the point is to catch everything
+            return _fail("invalid_example", f"cannot judge: {type(e).__name__}: {_clip(str(e))}")
+    return safe
 
 
 def _clip(text: str, limit: int = 200) -> str:
@@ -127,6 +143,7 @@ class _Parser:
         raise _Invalid(f"unexpected {token!r}")
 
 
+@_never_raises
 def countdown(text: str, example: dict) -> Verdict:
     """Last <answer>...</answer> must use every number in example["nums"] exactly once and
     equal example["target"] exactly."""
@@ -374,6 +391,7 @@ def _gold_calls(example: dict):
     return False, [(a["name"], _maybe_json(a["arguments"])) for a in _maybe_json(example["answers"])]
 
 
+@_never_raises
 def function_call(text: str, example: dict) -> Verdict:
     """Calls must equal the gold calls as a multiset: same names, same argument names and values.
     Gold is xlam form (example["answers"]: [{name, arguments}]) or BFCL form
@@ -387,11 +405,8 @@ def function_call(text: str, example: dict) -> Verdict:
     calls = _model_calls(text)
     if isinstance(calls, str):
         return _fail("format", calls)
-    try:
-        bfcl, gold = _gold_calls(example)
-        schemas = _schemas(example)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        return _fail("invalid_example", f"the example's gold calls are unreadable ({e!r})")
+    bfcl, gold = _gold_calls(example)  # a malformed example raises: _never_raises fails it
+    schemas = _schemas(example)
     names, gold_names = sorted(n for n, _ in calls), sorted(n for n, _ in gold)
     if names != gold_names:  # multisets of tool names differ
         return _fail("wrong_tool", f"called {names} but expected {gold_names}")
@@ -486,6 +501,7 @@ def _as_number(answer: str) -> Fraction | None:
     return None
 
 
+@_never_raises
 def math(text: str, example: dict) -> Verdict:
     """Final answer (last \\boxed{}, else "#### x", else "the (final) answer is x") must equal
     example["answer"] after LaTeX normalisation, or as a number."""
@@ -523,6 +539,7 @@ def _extract_program(text: str) -> str:
     return text
 
 
+@_never_raises
 def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) -> Verdict:
     """Run the program and the example's tests in a sandboxed child process (sandbox.py).
 

@@ -23,6 +23,7 @@ import tempfile
 import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sandbox  # noqa: E402
 import tasks  # noqa: E402
 import verifiers  # noqa: E402
 
@@ -39,8 +40,8 @@ def table(title, rows):
         c["ours_wrong_accept"] += ours and not should
         c["ref_wrong_accept"] += theirs and not should
     print(f"\n{title}")
-    print(f"| class | should | cases | agree | only ours accepts | only ref accepts "
-          f"| ours accepts wrong | ref accepts wrong |")
+    print("| class | should | cases | agree | only ours accepts | only ref accepts "
+          "| ours accepts wrong | ref accepts wrong |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
     should_of = {cls: should for cls, should, _, _ in rows}
     total = collections.Counter()
@@ -291,12 +292,23 @@ def bench_code(count):
         for cls, should, row, completion in code_cases(rows, count, outside):
             if cls.startswith("os.open"):  # judged by the side effect: was the file written?
                 target = os.path.join(outside, row["task_id"].replace("/", "_"))
-                verifiers.code(completion, row, timeout=3)
-                ours = os.path.exists(target)
-                if ours:
-                    os.remove(target)
-                check_correctness(row, completion, 3.0)
-                theirs = os.path.exists(target)
+                for as_caller in [False, True] if sandbox.sandbox_user()[1] is not None else [True]:
+                    # as root the child runs as `nobody`; as the caller only our guards stop it
+                    user = sandbox.sandbox_user
+                    if as_caller:
+                        sandbox.sandbox_user = lambda: (sys.executable, None)
+                    verifiers.code(completion, row, timeout=3)
+                    sandbox.sandbox_user = user
+                    ours = os.path.exists(target)
+                    if ours:
+                        os.remove(target)
+                    check_correctness(row, completion, 3.0)
+                    theirs = os.path.exists(target)
+                    if theirs:
+                        os.remove(target)
+                    label = cls + (", as the caller" if as_caller else ", as nobody")
+                    results.append((label, should, ours, theirs))
+                continue
             else:
                 ours = verifiers.code(completion, row, timeout=3).correct
                 theirs = check_correctness(row, completion, 3.0)["passed"]
