@@ -13,8 +13,9 @@ Safety: inputs are short (MAX_CHARS), integer literals have at most MAX_DIGITS d
 exponent must be a plain number no larger than MAX_EXPONENT and powers do not nest, so sympy
 never meets 10^{10^{10}}. On top of that, the sympy step runs in a worker thread that the
 caller waits for at most `seconds`; if it is late the answer is "different" (works in any
-thread, unlike signal-based timeouts). sympy is imported lazily, and without it only the
-exact-rational comparison is made.
+thread, unlike signal-based timeouts). sympy is imported lazily, in the background from the
+first call (warm_up); a comparison that comes while it still loads may run out of time and
+count as different. Without sympy only the exact-rational comparison is made.
 """
 import re
 import threading
@@ -25,6 +26,7 @@ MAX_CHARS = 300
 MAX_DIGITS = 40
 MAX_EXPONENT = 64
 MAX_ITEMS = 32
+MAX_SYMBOLIC_EXPONENT = 16  # (x+y+z)^{64} would expand to thousands of terms
 _STUCK: list[threading.Thread] = []  # sympy workers that outlived their deadline
 
 _COMMANDS = ("\\frac", "\\sqrt", "\\pi", "\\cdot", "\\times", "\\div", "\\infty")
@@ -205,6 +207,8 @@ class _Parser:
             raise _Unparsable("exponent must be a small number")
         if _has_pow(base):
             raise _Unparsable("nested powers")
+        if _has_symbol(base) and abs(exponent) > MAX_SYMBOLIC_EXPONENT:
+            raise _Unparsable("exponent too large for a polynomial")
         if self.peek() == "^":
             raise _Unparsable("nested powers")
         return ("pow", base, exponent)
@@ -251,6 +255,10 @@ class _Parser:
 
 def _has_pow(tree) -> bool:
     return tree[0] == "pow" or any(isinstance(t, tuple) and _has_pow(t) for t in tree[1:])
+
+
+def _has_symbol(tree) -> bool:
+    return tree[0] == "sym" or any(isinstance(t, tuple) and _has_symbol(t) for t in tree[1:])
 
 
 def _rational(tree) -> Fraction | None:
@@ -305,14 +313,35 @@ def _sympy_zero(x, y) -> bool:
     difference = _to_sympy(x, sympy) - _to_sympy(y, sympy)
     if difference.has(sympy.nan, sympy.zoo) or difference.has(sympy.oo):
         return False  # oo - oo and 1/0 are not "equal"; equal infinities matched as text
-    if not difference.free_symbols:  # a number: 30 digits tell most differences at once
-        value = difference.evalf(30)
-        if value.is_number and value.is_zero is False and abs(value) > 1e-20:
+    # a quick look first: at a few exact points, 30 digits tell most differences at once
+    symbols = sorted(difference.free_symbols, key=str)
+    for point in ([], [3, 7, 11, 13], [-5, 2, 17, 19]) if symbols else ([],):
+        at = difference.subs({s: sympy.Rational(p, 7) for s, p in zip(symbols, point)})
+        value = at.evalf(30) if not at.free_symbols else None
+        if value is not None and value.is_number and value.is_zero is False and abs(value) > 1e-20:
             return False
     for simplify in (lambda d: d, sympy.expand, sympy.cancel, sympy.radsimp, sympy.simplify):
         if simplify(difference) == 0:
             return True
     return False
+
+
+_warming: list[threading.Thread] = []
+
+
+def warm_up(wait: bool = False) -> None:
+    """Import sympy in the background (once), so that the first comparison that needs it is not
+    spent importing it (about 0.5 s); wait=True blocks until it is loaded."""
+    if not _warming:
+        def load():
+            try:
+                import sympy  # noqa: F401
+            except ImportError:
+                pass
+        _warming.append(threading.Thread(target=load, daemon=True, name="math_equiv_import"))
+        _warming[0].start()
+    if wait:
+        _warming[0].join()
 
 
 def _sympy_equal(x, y, seconds: float) -> bool:

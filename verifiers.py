@@ -312,9 +312,10 @@ def _type_problem(value, spec, options: list) -> str | None:
     item_kind = items.get("type") if isinstance(items, dict) else None
     if kind not in ("array", "tuple") or item_kind not in _TYPES:
         return None
-    for option in options:  # every item must fit, against at least one gold list
-        if not isinstance(option, list):
-            return None
+    lists = [option for option in options if isinstance(option, list)]
+    if not lists:  # (BFCL also stops here when "" comes first: it would pass [1.0] as integers)
+        return None
+    for option in lists:  # every item must fit, against at least one gold list
         sample = _first_given(option)
         if all(_has_type(item, item_kind, top=False) or
                (sample is not _NONE_GIVEN and type(item) is type(sample)) for item in value):
@@ -506,6 +507,7 @@ def math(text: str, example: dict) -> Verdict:
     """Final answer (last \\boxed{}, else "#### x", else "the (final) answer is x") must equal
     example["answer"] after LaTeX normalisation, or as a number."""
     start = time.monotonic()
+    math_equiv.warm_up()  # starts loading sympy in the background, once
     found = _final_answer(text)
     if found is None or not found.strip():
         return _fail("format", "no final answer found (put it in \\boxed{...})")

@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import math_equiv  # noqa: E402
 import sandbox  # noqa: E402
 from verifiers import VERIFIERS, Verdict, code, countdown, function_call, math  # noqa: E402
 
 MB = 1 << 20
+math_equiv.warm_up(wait=True)  # the first symbolic comparison must not wait for the import
 
 
 def timed(fn, *args, limit=1.0, **kwargs) -> Verdict:
@@ -211,6 +213,86 @@ def test_function_call_bfcl_form(text, error):
     assert timed(function_call, text, BFCL).error == error
 
 
+# A BFCL row with its tool schema ("function"), as tasks._bfcl builds it ("tools").
+SCHEMA_TOOLS = [{"name": "book", "parameters": {"type": "dict", "required": ["city", "nights"], "properties": {
+    "city": {"type": "string"}, "nights": {"type": "integer"}, "budget": {"type": "float"},
+    "pets": {"type": "boolean"}, "rooms": {"type": "array", "items": {"type": "integer"}},
+    "tags": {"type": "array", "items": {"type": "string"}}, "extra": {"type": "dict"},
+    "hotel": {"type": "string"}, "floor": {"type": "integer"}}}}]
+SCHEMA_ROW = {"tools": SCHEMA_TOOLS, "category": "simple_python", "ground_truth": [{"book": {
+    "city": ["New York", "NYC"], "nights": [3], "budget": ["", 200.0], "pets": ["", False],
+    "rooms": ["", [1, 2]], "tags": ["", []], "extra": ["", {"view": ["sea"]}],
+    "hotel": ["", None], "floor": ["", "top_floor"]}}]}
+
+
+def book(**args):
+    return json.dumps([{"name": "book", "arguments": {"city": "New York", "nights": 3, **args}}])
+
+
+SCHEMA_CASES = [
+    # (completion, expected error or None): BFCL's rules on types, strings and the schema
+    (book(), None),
+    (book(nights=3.0), "wrong_arguments"),                   # a float is not an integer
+    (book(nights="3"), "wrong_arguments"),
+    (book(nights=True), "wrong_arguments"),                  # nor is a bool
+    (book(budget=200), None),                                # an int is a float
+    (book(budget=200.0), None),
+    (book(budget="200"), "wrong_arguments"),
+    (book(pets=0), "wrong_arguments"),
+    (book(pets=False), None),
+    (book(city="new york"), None),                           # case,
+    (book(city="NewYork"), None),                            # spaces
+    (book(city="new-york."), None),                          # and ,./-_*^ are ignored
+    (book(city="n.y.c"), None),
+    (book(city="Newark"), "wrong_arguments"),
+    (book(city="New York!"), "wrong_arguments"),             # other punctuation counts
+    (book(rooms=[1, 2]), None),
+    (book(rooms=[1.0, 2]), "wrong_arguments"),               # list items are typed too
+    (book(rooms=[2, 1]), "wrong_arguments"),
+    (book(extra={"view": "Sea"}), None),                     # strings in dicts: BFCL's rules
+    (book(extra={"view": "sea", "bar": 1}), "wrong_arguments"),
+    (book(hotel=None), None),                                # the gold's own type passes
+    (book(floor="top_floor"), None),                         # a variable name for an integer
+    (book(floor=3), "wrong_arguments"),
+    (book(tags=[]), None),
+    (book(rooms=[]), "wrong_arguments"),                     # [] is a value, not an omission
+    (book(wifi=True), "wrong_arguments"),                    # the tool has no such argument
+    (json.dumps([{"name": "book", "arguments": {"city": "NYC"}}]), "wrong_arguments"),  # required
+]
+
+
+@pytest.mark.parametrize("text,error", SCHEMA_CASES, ids=range(len(SCHEMA_CASES)))
+def test_function_call_bfcl_schema_rules(text, error):
+    assert timed(function_call, text, SCHEMA_ROW).error == error
+
+
+def test_function_call_schema_messages_and_other_forms():
+    assert "expected integer, got float" in function_call(book(nights=3.0), SCHEMA_ROW).message
+    assert "no argument 'wifi'" in function_call(book(wifi=1), SCHEMA_ROW).message
+    assert "missing required argument 'nights'" in function_call(
+        json.dumps([{"name": "book", "arguments": {"city": "NYC"}}]), SCHEMA_ROW).message
+    raw = {"function": SCHEMA_TOOLS, "ground_truth": SCHEMA_ROW["ground_truth"]}  # BFCL's key
+    assert function_call(book(nights=3.0), raw).error == "wrong_arguments"
+    # xlam rows with OpenAI/JSON-Schema tools get the same checks; flat xlam tools do not
+    openai = {"tools": json.dumps([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}},
+        "required": ["n"]}}}]), "answers": [{"name": "f", "arguments": {"n": 2, "x": 1.0}}]}
+    assert function_call('[{"name": "f", "arguments": {"n": 2, "x": 1}}]', openai).correct
+    assert function_call('[{"name": "f", "arguments": {"n": 2.0, "x": 1}}]', openai).error == \
+        "wrong_arguments"
+    assert function_call(calls(WEATHER.replace("3", "3.0"), TIME), XLAM).correct  # no types
+
+
+def test_function_call_pairs_parallel_calls_in_any_order():
+    """BFCL pairs greedily: gold 1 takes the first call it fits, and gold 2 may then find none.
+    Ours finds a pairing whenever one exists."""
+    row = {"ground_truth": [{"f": {"x": [1, 2]}}, {"f": {"x": [1]}}]}
+    assert function_call('[{"name": "f", "arguments": {"x": 1}}, '
+                         '{"name": "f", "arguments": {"x": 2}}]', row).correct
+    assert function_call('[{"name": "f", "arguments": {"x": 2}}, '
+                         '{"name": "f", "arguments": {"x": 2}}]', row).error == "wrong_arguments"
+
+
 HOSTILE_CALLS = [
     "[" * 40_000 + "]" * 40_000,                                # too deep for json: RecursionError
     '{"a":' * 30_000 + "1" + "}" * 30_000,
@@ -296,6 +378,87 @@ HOSTILE_MATH = [
 @pytest.mark.parametrize("text,error", HOSTILE_MATH, ids=range(len(HOSTILE_MATH)))
 def test_math_hostile(text, error):
     assert timed(math, text, {"answer": "42"}).error == error
+
+
+MATH_FORMS = [
+    # (answer, gold, correct?): forms math-verify accepts, and wrong answers next to them
+    (r"1{,}940", "1940", True),
+    (r"1{,}941", "1940", False),
+    (r"\sqrt{49}", "7", True),
+    (r"\sqrt{50}", "7", False),
+    (r"\frac{14}{2}", "7", True),
+    (r"\sqrt{2}/2", r"\frac{\sqrt2}{2}", True),
+    (r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}", True),
+    (r"\sqrt{3}/2", r"\frac{\sqrt2}{2}", False),
+    (r"\sqrt{12}", r"2\sqrt{3}", True),
+    (r"\pi/2", r"\frac{\pi}{2}", True),
+    (r"\frac{1}{2}\pi", r"\frac{\pi}{2}", True),
+    (r"\pi", "3.14159", False),
+    (r"4-\pi", r"-\pi+4", True),
+    ("3, -2", "-2, 3", True),                                    # unordered solution lists
+    ("x=3, x=-2", "-2,3", True),
+    ("3, 2", "-2, 3", False),
+    ("1, 2, 2", "1, 2", False),
+    (r"\{3,1,2\}", r"\{1,2,3\}", True),                          # sets
+    (r"\{1,2\}", r"\{1,2,3\}", False),
+    (r"(3,\infty)\cup(-\infty,2)", r"(-\infty,2)\cup(3,\infty)", True),  # unions
+    (r"(-\infty,2]\cup(3,\infty)", r"(-\infty,2)\cup(3,\infty)", False),
+    ("[1, 5)", "[1,5)", True),                                   # intervals
+    ("(1,5)", "[1,5)", False),
+    (r"\left(1, 2\right)", "(1,2)", True),                       # ordered pairs
+    ("(2,1)", "(1,2)", False),
+    (r"\{1,2\}", "(1,2)", False),                                # math-verify accepts this one
+    ("(1,2)", r"\{1,2\}", False),
+    ("1, 2", "(1,2)", False),
+    (r"\text{monday}", "Monday", True),                          # text
+    (r"\textbf{Monday}", r"\text{Monday}", True),
+    (r"\text{Tuesday}", "Monday", False),
+    (r"yadnoM", "Monday", False),                                # letters are not a product
+    (r"\text{(C)}", "C", True),                                  # choice letters
+    ("(C)", r"\text{(C)}", True),
+    ("B", r"\text{(C)}", False),
+    ("c", "C", False),
+    (r"3.5\times10^{4}", "35000", True),                         # scientific notation
+    (r"3.5 \cdot 10^4", "35000", True),
+    (r"1.2\times10^{-3}", "0.0012", True),
+    (r"3.5\times10^{3}", "35000", False),
+    ("(x+1)^2", "x^2+2x+1", True),                               # polynomials
+    ("x(x-1)(x+1)", "x^3-x", True),
+    ("(2x-3)(3x+2)", "6x^2-5x-6", True),
+    ("(x-1)^2", "x^2+2x+1", False),
+    ("x^2+1", "x^2+2x+1", False),
+    (r"2\frac{1}{2}", "1", False),                               # a mixed number: not guessed
+    ("0.333333", r"\frac{1}{3}", False),                         # no rounding
+]
+
+
+@pytest.mark.parametrize("answer,gold,correct", MATH_FORMS, ids=range(len(MATH_FORMS)))
+def test_math_forms(answer, gold, correct):
+    assert timed(math, f"So the answer is $\\boxed{{{answer}}}$.", {"answer": gold}).correct == correct
+
+
+HUGE_POWERS = [r"10^{10^{10}}", r"2^{99999999}", r"9^{9^{9^{9}}}", r"\sqrt{10^{10^{10}}}",
+               r"x^{999999}-x^{999999}", r"(x+y+z)^{64}", r"2^{64}\cdot" * 40 + "1",
+               r"\sqrt{" + "9" * 40 + "}", "(" * 300 + "1" + ")" * 300, "-" * 900 + "1",
+               r"\frac{1}{0}", r"0^{-1}", r"\sqrt[99999]{2}", r"(-\infty,\infty)-\infty"]
+
+
+@pytest.mark.parametrize("answer", HUGE_POWERS, ids=range(len(HUGE_POWERS)))
+def test_math_hostile_powers_fail_closed_in_time(answer):
+    assert not timed(math, f"\\boxed{{{answer}}}", {"answer": "1"}).correct
+    assert not timed(math, r"\boxed{1}", {"answer": answer}).correct
+
+
+def test_math_in_threads_and_without_sympy(monkeypatch):
+    """The time limit works off the main thread (no signals); without sympy, answers that need
+    it fail closed while exact rationals still work."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: math(rf"\boxed{{{case[0]}}}", {"answer": case[1]}).correct,
+                                [(a, g) for a, g, _ in MATH_FORMS]))
+    assert results == [correct for _, _, correct in MATH_FORMS]
+    monkeypatch.setitem(sys.modules, "sympy", None)  # import sympy now raises ImportError
+    assert not math(r"\boxed{\sqrt{49}}", {"answer": "7"}).correct
+    assert math(r"\boxed{\frac{14}{2}}", {"answer": "7"}).correct
 
 
 # ----------------------------------------------------------------------------- code
@@ -520,6 +683,24 @@ def test_code_hostile_sizes():
     big = "```python\n" + "x = 1\n" * 15_000 + "```"
     assert timed(code, big, ADD, limit=6.0).error == "wrong_answer"
     assert timed(code, "```python\n" + "x" * MB + "\n```", ADD).error == "format"
+
+
+MALFORMED_EXAMPLES = [{}, {"nums": "x", "target": None}, {"nums": [1], "target": "a"},
+                      {"answer": None}, {"answer": ["x"]}, {"ground_truth": 5},
+                      {"ground_truth": [{"f": 3}]}, {"answers": "[{"}, {"answers": [5]},
+                      {"tools": {"a": 1}, "answers": []}, {"prompt": 1, "entry_point": 3},
+                      {"test_list": [1, None]}, {"test_list": "assert True"}]
+COMPLETIONS = ["<answer>1</answer>", r"\boxed{1}", '[{"name": "f", "arguments": {"x": 1}}]',
+               "def f():\n    pass\n", ""]
+
+
+@pytest.mark.parametrize("task", sorted(VERIFIERS))
+def test_verifiers_never_raise_on_malformed_examples(task):
+    for example in MALFORMED_EXAMPLES:
+        for text in COMPLETIONS:
+            verdict = timed(VERIFIERS[task], text, example, limit=7.0)
+            assert not verdict.correct, (example, text)
+    assert VERIFIERS[task](None, {}).error == "invalid_example"
 
 
 # ----------------------------------------------------------------------------- real data
