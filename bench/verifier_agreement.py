@@ -29,28 +29,28 @@ import verifiers  # noqa: E402
 
 
 def table(title, rows):
-    """rows: (class, should, ours, theirs) -> one line per class."""
+    """rows: (class, should accept, ours accepts, reference accepts) -> one line per class."""
     counts = collections.OrderedDict()
     for cls, should, ours, theirs in rows:
         c = counts.setdefault(cls, collections.Counter())
-        c["n"] += 1
+        c["right" if should else "wrong"] += 1
         c["agree"] += ours == theirs
         c["ours_only"] += ours and not theirs
         c["ref_only"] += theirs and not ours
-        c["ours_wrong_accept"] += ours and not should
-        c["ref_wrong_accept"] += theirs and not should
+        c["ours_wrong"] += ours and not should
+        c["ref_wrong"] += theirs and not should
     print(f"\n{title}")
-    print("| class | should | cases | agree | only ours accepts | only ref accepts "
-          "| ours accepts wrong | ref accepts wrong |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    should_of = {cls: should for cls, should, _, _ in rows}
+    print("| class | cases (right + wrong) | agree | only ours accepts | only ref accepts "
+          "| ours accepts a wrong one | ref accepts a wrong one |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     total = collections.Counter()
-    for cls, c in counts.items():
-        total.update(c)
-        print(f"| {cls} | {'accept' if should_of[cls] else 'reject'} | {c['n']} | {c['agree']} | "
-              f"{c['ours_only']} | {c['ref_only']} | {c['ours_wrong_accept']} | {c['ref_wrong_accept']} |")
-    print(f"| **all** | | {total['n']} | {total['agree']} | {total['ours_only']} | "
-          f"{total['ref_only']} | {total['ours_wrong_accept']} | {total['ref_wrong_accept']} |")
+    for cls, c in list(counts.items()) + [("**all**", None)]:
+        if c is None:
+            c = total
+        else:
+            total.update(c)
+        print(f"| {cls} | {c['right'] + c['wrong']} ({c['right']} + {c['wrong']}) | {c['agree']} | "
+              f"{c['ours_only']} | {c['ref_only']} | {c['ours_wrong']} | {c['ref_wrong']} |")
 
 
 # ----------------------------------------------------------------------------- function calling
@@ -131,17 +131,17 @@ def integer_rewrites(n: int):
     yield "gold as written", True, str(n)
     if abs(n) >= 1000:
         yield "thousands as {,}", True, f"{n:,}".replace(",", "{,}")
-        yield "thousands as {,}, wrong", False, f"{n + 1:,}".replace(",", "{,}")
+        yield "thousands as {,}", False, f"{n + 1:,}".replace(",", "{,}")
     yield "fraction for an integer", True, f"\\frac{{{2 * n}}}{{2}}"
-    yield "fraction for an integer, wrong", False, f"\\frac{{{2 * n + 1}}}{{2}}"
+    yield "fraction for an integer", False, f"\\frac{{{2 * n + 1}}}{{2}}"
     if 0 <= n <= 10 ** 6:
         yield "root for an integer", True, f"\\sqrt{{{n * n}}}"
-        yield "root for an integer, wrong", False, f"\\sqrt{{{n * n + 1}}}"
+        yield "root for an integer", False, f"\\sqrt{{{n * n + 1}}}"
     if n and n % 10 == 0:
         k = len(str(abs(n))) - len(str(abs(n)).rstrip("0"))
         yield "scientific notation", True, f"{n // 10 ** k}\\times10^{{{k}}}"
-        yield "scientific notation, wrong", False, f"{n // 10 ** k}\\times10^{{{k + 1}}}"
-    yield "off by one", False, str(n + 1)
+        yield "scientific notation", False, f"{n // 10 ** k}\\times10^{{{k + 1}}}"
+    yield "gold as written", False, str(n + 1)  # off by one
 
 
 # Golds in MATH's many forms (the shipped MATH-500 subset has integer answers only), each with
@@ -186,7 +186,7 @@ def math_cases():
         for answer in right:
             yield cls, True, gold, answer
         for answer in wrong:
-            yield cls + ", wrong", False, gold, answer
+            yield cls, False, gold, answer
     for answer in HOSTILE:
         yield "hostile (huge powers)", False, "1", answer
 
