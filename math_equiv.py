@@ -29,7 +29,6 @@ MAX_ITEMS = 32
 MAX_SYMBOLIC_EXPONENT = 16  # (x+y+z)^{64} would expand to thousands of terms
 _STUCK: list[threading.Thread] = []  # sympy workers that outlived their deadline
 
-_COMMANDS = ("\\frac", "\\sqrt", "\\pi", "\\cdot", "\\times", "\\div", "\\infty")
 _TOKEN = re.compile(r"\\(?:frac|sqrt|pi|cdot|times|div|infty)|\\[A-Za-z]+|\d+\.?\d*|\.\d+"
                     r"|[A-Za-z]+|\S")
 _WORDS = re.compile(r"[A-Za-z][A-Za-z ']*[A-Za-z]")
@@ -79,8 +78,11 @@ def _structure(text: str):
         if len(items) > 1:
             return "bracket", text[0] + text[-1], items
     items = _split_top(text)
-    if len(items) > 1:  # "x=1, x=2": a list of solutions, named or not
-        return "list", [re.sub(r"^[A-Za-z]=", "", item) for item in items]
+    if len(items) > 1:  # "x=1, x=2": a list of solutions, named or not; "x=1, y=2" keeps
+        names = {re.match(r"[A-Za-z]=", item) and item[0] for item in items}  # its names
+        if len(names) == 1 and None not in names:
+            items = [item[2:] for item in items]
+        return "list", items
     return None
 
 
@@ -116,8 +118,8 @@ def _same_leaf(a: str, b: str, deadline: float) -> bool:
     choice_a, choice_b = _choice(a), _choice(b)
     if choice_a or choice_b:
         return choice_a == choice_b
-    if _WORDS.fullmatch(a) and _WORDS.fullmatch(b):  # "Monday" and \text{monday}
-        return a.casefold() == b.casefold()
+    if _WORDS.fullmatch(a) and _WORDS.fullmatch(b):  # "Monday" and \text{monday}; not "AB"
+        return len(a) > 2 and a.casefold() == b.casefold()  # and "ab", which may be a segment
     try:
         x, y = _Parser(a).parse(), _Parser(b).parse()
     except (_Unparsable, RecursionError, ValueError, ZeroDivisionError, OverflowError):
@@ -179,7 +181,7 @@ class _Parser:
                 self.take()
                 rhs = self.unary()
                 tree = ("div", tree, rhs) if token in ("/", "\\div") else ("mul", tree, rhs)
-            elif token is not None and (token[0].isalnum() or token[0] == "." or token in
+            elif token is not None and (token[0].isalpha() or token in
                                         ("(", "{", "\\frac", "\\sqrt", "\\pi")):
                 if tree[0] == "num" and token == "\\frac" and self.plain_fraction_follows():
                     raise _Unparsable("a mixed number like 2\\frac{1}{2} is ambiguous")
@@ -202,6 +204,8 @@ class _Parser:
         if self.peek() != "^":
             return base
         self.take()
+        if self.peek() is not None and len(self.peek()) > 1 and self.peek()[0].isdigit():
+            raise _Unparsable("x^23 is x^2 3 in LaTeX: ambiguous")
         exponent = _rational(self.group() if self.peek() == "{" else self.atom())
         if exponent is None or abs(exponent) > MAX_EXPONENT or exponent.denominator > MAX_EXPONENT:
             raise _Unparsable("exponent must be a small number")

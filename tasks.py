@@ -147,9 +147,14 @@ def _bfcl():
                        for name, args in call.items()]
             examples.append({"id": r["id"], "category": category, "query": query, "tools": r["function"],
                              "answers": answers, "ground_truth": truth[r["id"]]})
-    print(f"bfcl: dropped {contradictory} rows whose gold answer contradicts their own tool schema",
-          file=sys.stderr)
+    if not _REPORTED:  # once per process, not once per split
+        _REPORTED.append(contradictory)
+        print(f"bfcl: dropped {contradictory} rows whose gold answer contradicts their own tool schema",
+              file=sys.stderr)
     return examples
+
+
+_REPORTED = []
 
 
 def _fits_own_schema(ground_truth, functions):
