@@ -209,7 +209,7 @@ def main(argv=None):
     if args.n <= 0 or args.batch_size <= 0:
         raise cli.UsageError("--n and --batch-size must be positive")
     from model import load_model
-    from train_r3 import TASK_TOKENS
+    from loop import TASK_TOKENS
     examples = tasks.load_examples(args.task, "test", source=args.source, n=args.n, seed=args.seed)
     if not examples:
         raise cli.UsageError(f"no held-out examples for {args.task} from {args.source or 'the default source'}")

@@ -10,6 +10,7 @@ saved adapter to load on top (`adapter=`, a directory written by train_r3.py).
 """
 import importlib.util
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -64,7 +65,12 @@ def embedded_model_dir() -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same conversion first: keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
     return out
 
 
@@ -87,9 +93,14 @@ def resolve(name: str) -> tuple[str, str | None]:
     return name, None  # a Hub id
 
 
+LORA_TARGETS = {"all": "all-linear", "qv": ["q_proj", "v_proj"]}  # --lora-targets: which layers get LoRA
+
+
 def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | None = None,
-               load_in_4bit: bool = False, adapter: str | None = None, device=None, dtype=None):
-    """Return (model, tokenizer). lora_r > 0 adds a trainable LoRA on all linear layers;
+               lora_targets: str = "all", load_in_4bit: bool = False, adapter: str | None = None, device=None,
+               dtype=None):
+    """Return (model, tokenizer). lora_r > 0 adds a trainable LoRA (alpha default 2r) on all linear
+    layers, or on the attention's q and v projections (lora_targets="qv", Re-ReST's official setting);
     adapter= loads a saved (trainable) adapter instead; load_in_4bit gives NF4 weights (QLoRA)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = pick_device(device)
@@ -125,7 +136,7 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
     elif lora_r > 0:
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0,
-                            target_modules="all-linear", task_type="CAUSAL_LM")
+                            target_modules=LORA_TARGETS[lora_targets], task_type="CAUSAL_LM")
         model = get_peft_model(model, config)
     if load_in_4bit and (lora_r > 0 or adapter):
         model.enable_input_require_grads()  # gradients must flow through the frozen 4-bit layers

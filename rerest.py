@@ -14,7 +14,7 @@ One round of self-training:
   4. Train the agent: supervised, --sft-epochs epochs at --lr on D_M + D_R, each item being
      (the task's first-attempt prompt -> a passing output). An output identical to one already kept for
      the same input is kept once.
-  5. Evaluate the agent alone (train_r3.evaluate; acc_t1 is the agent's own accuracy) and save its
+  5. Evaluate the agent alone (loop.evaluate; acc_t1 is the agent's own accuracy) and save its
      adapter, in standard peft form, in a checkpoint (eval.py --adapter <out-dir> reads it).
 
 The reflector is the same base model with its own LoRA adapter: a second named peft adapter
@@ -33,10 +33,11 @@ import torch
 from tqdm import tqdm
 
 import cli
+import loop
 import rl
 import rollout
 import tasks
-import train_r3
+from loop import mix_seed
 from rollout import Gen, Turn
 
 REFLECTOR = "reflector"  # the reflector's peft adapter name
@@ -65,8 +66,10 @@ def reflector_adapter(model):
     agent = model.active_adapter
     model.add_adapter(REFLECTOR, copy.deepcopy(model.peft_config[agent]))
     model.set_adapter(REFLECTOR)  # also makes only the reflector's weights trainable
+    params = [p for p in model.parameters() if p.requires_grad]
+    rl.broadcast_params(params)  # peft drew LoRA-A per rank: the ranks must start from one reflector
     try:
-        yield [p for p in model.parameters() if p.requires_grad]
+        yield params
     finally:
         model.set_adapter(agent)
         model.delete_adapter(REFLECTOR)
@@ -81,10 +84,11 @@ def save_adapter(model, name: str, path):
     save_file(get_peft_model_state_dict(model, adapter_name=name), path / "adapter_model.safetensors")
 
 
-def reflect(model, tok, args, examples: list[dict], failures: list[tuple[int, Turn]], seed: int):
-    """One corrected output per failed agent turn, verified: [(example index, reflector Turn)]."""
+def reflect(model, tok, args, examples: list[dict], failures: list[tuple[int, Turn]], seeds: list[int]):
+    """One corrected output per failed agent turn (seeds: one per failure), verified:
+    [(example index, reflector Turn)]."""
     convs = [reflector_messages(args.task, examples[i], t.text, t.verdict) for i, t in failures]
-    turns = rollout.sample_turns(model, tok, convs, Gen(args.max_new_tokens, args.temperature, seed=seed))
+    turns = rollout.sample_turns(model, tok, convs, Gen(args.max_new_tokens, args.temperature, seed=seeds))
     rollout.judge(args.task, turns, [examples[i] for i, _ in failures])
     return [(i, c) for (i, _), c in zip(failures, turns)]
 
@@ -132,10 +136,18 @@ def reflector_data(corrections: list[tuple[int, Turn]]) -> list[Turn]:
 
 # ---------------------------------------------------------------------------------------------- training
 
+def epoch_batches(n_items: int, batch_size: int, seed: int, rank: int, size: int) -> list[list[int]]:
+    """One epoch's batches of item indices for this rank: a seeded order, the same on every rank (the seed
+    must not depend on the rank), cut into global batches, each split over the ranks. Across ranks, an
+    epoch covers every item exactly once."""
+    order = torch.randperm(n_items, generator=torch.Generator().manual_seed(seed)).tolist()
+    return [order[start:start + batch_size][rank::size] for start in range(0, n_items, batch_size)]
+
+
 def sft(model, tok, optimizer, args, data: list[Turn], phase: str, step: int, seed: int, log) -> int:
-    """--sft-epochs epochs of supervised updates on data (prompt -> output): batches of --batch-size items
-    in a seeded order, the same on every rank, each rank taking its share. Logs each epoch's mean loss;
-    returns the optimizer step count (the agent's is the run's "step"; the reflector's "reflector_step")."""
+    """--sft-epochs epochs of supervised updates on data (prompt -> output, the same list on every rank):
+    batches of --batch-size items (epoch_batches). Logs each epoch's mean loss; returns the optimizer step
+    count (the agent's is the run's "step"; the reflector's "reflector_step")."""
     rank, size = rl.world()
     if not data:
         return step
@@ -143,12 +155,11 @@ def sft(model, tok, optimizer, args, data: list[Turn], phase: str, step: int, se
     bs = args.batch_size
     bar = tqdm(total=args.sft_epochs * math.ceil(len(samples) / bs), disable=rank != 0, desc=f"rerest {phase} sft")
     for epoch in range(args.sft_epochs):
-        order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
         losses = []
-        for start in range(0, len(order), bs):
-            mine = [samples[i] for i in order[start:start + bs]][rank::size]
+        for batch in epoch_batches(len(samples), bs, seed + epoch, rank, size):
+            mine = [samples[i] for i in batch]
             stats = rl.supervised_update(model, optimizer, mine, tok.pad_token_id, args.micro_batch)
-            losses += rl.gather([stats["loss"]])
+            losses.append(sum(rl.gather([stats["loss"]])))  # the ranks' parts of one batch loss
             step += 1
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
@@ -166,35 +177,39 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
         raise cli.UsageError("no training examples (--train-size 0?)")
     rank, size = rl.world()
     round_ = state.get("round", 0) + 1
-    seed = (args.seed * 1_000_003 + round_) * 10_007 + rank * 101
+    seed = mix_seed(args.seed, round_)  # the same on every rank; rows get their own seeds from it below
     step = state["step"]
 
     def log(**record):
         record = {"step": step, "kind": "rerest", "round": round_, **record}
         if rank == 0:
-            train_r3.log_line(args, record)
+            loop.log_line(args, record)
             if not record["phase"].endswith("_sft"):  # those have their progress bar
                 print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     # 1. The agent samples k outputs per input; D_M is made of the passing ones.
-    mine = train[rank::size]
+    where = loop.my_share(list(range(len(train))), rank, size)  # global index of each of this rank's inputs
+    mine = [train[g] for g in where]
     model.train()
-    agent_turns = rollout.attempt(model, tok, args.task, mine, Gen(args.max_new_tokens, args.temperature, seed=seed),
-                                  n=args.k)
-    failures = [(j // args.k, t) for j, t in enumerate(agent_turns) if not t.verdict.correct]
+    agent_turns = rollout.attempt(model, tok, args.task, mine, Gen(args.max_new_tokens, args.temperature,
+                                  seed=[mix_seed(seed, g) for g in where]), n=args.k)
+    failed = [j for j, t in enumerate(agent_turns) if not t.verdict.correct]
+    failures = [(j // args.k, agent_turns[j]) for j in failed]
+    # one seed per failure and reflector pass, from the input's global index and the sample's number
+    failure_seeds = lambda tag: [mix_seed(seed, tag, where[j // args.k], j % args.k) for j in failed]  # noqa: E731
     n_failures = sum(rl.gather([len(failures)]))
     passed = rl.gather([t.verdict.correct for t in agent_turns])
     log(phase="sample", inputs=len(train), outputs=len(passed), agent_pass=sum(passed) / max(len(passed), 1))
 
     # 2-3. The reflector corrects the failures, learns from its passing corrections, and corrects again.
     with reflector_adapter(model) as reflector_params:
-        corrections = reflect(model, tok, args, mine, failures, seed + 1)
+        corrections = reflect(model, tok, args, mine, failures, failure_seeds(1))
         pairs = rl.gather(reflector_data(corrections))
         log(phase="reflect", reflector="base", failures=n_failures, corrected=len(pairs))
         if pairs and args.sft_epochs:
             reflector_opt = torch.optim.AdamW(reflector_params, lr=args.lr, weight_decay=0.0)
             sft(model, tok, reflector_opt, args, pairs, "reflector", 0, seed + 2, log)
-            more = reflect(model, tok, args, mine, failures, seed + 3)
+            more = reflect(model, tok, args, mine, failures, failure_seeds(3))
             log(phase="reflect", reflector="trained", failures=n_failures,
                 corrected=len(rl.gather(reflector_data(more))))
             corrections += more
@@ -210,7 +225,7 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
 
     # 5. The agent alone, on the held-out split; its adapter in a checkpoint.
     if args.eval_every:
-        log(phase="eval", **train_r3.evaluate(model, tok, args, test, rank, size))
+        log(phase="eval", **loop.evaluate(model, tok, args, test, rank, size))
     if rank == 0:
         rl.save_checkpoint(args.out_dir, model, optimizer, {"step": step, "round": round_, "d_m": len(d_m),
                                                             "d_r": len(d_r)})

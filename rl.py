@@ -153,12 +153,17 @@ class UpdateConfig:
 
 def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: int) -> dict:
     """One optimizer step (or cfg.updates_per_batch steps) on a list of samples; returns stats.
-    In data-parallel runs every rank calls this, with its own samples, and gradients are averaged."""
+    In data-parallel runs every rank calls this with its own samples (possibly none). The normaliser
+    counts the samples (or tokens) of every rank and the gradients are summed, so the step is the one a
+    single process would take on the whole batch. No sample anywhere: no step."""
     device = next(model.parameters()).device
     chunks = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
-    n_samples = len(samples)
     n_tokens = sum(len(s.completion_ids) for s in samples)
-    normalizer = n_samples if cfg.agg == "grpo" else n_tokens
+    n_samples, n_tokens_all = all_sum([len(samples), n_tokens])
+    stats = {"loss": 0.0, "kl": 0.0, "kl_sum": 0.0, "kl_tokens": n_tokens, "grad_norm": 0.0}
+    if n_samples == 0:
+        return stats
+    normalizer = n_samples if cfg.agg == "grpo" else n_tokens_all
     logprobs = lambda chunk: shared_prompt_logprobs(model, chunk, pad_id, device, cfg.temperature)  # noqa: E731
     # Frozen per-batch quantities: the reference (the adapter off, see reference_logprobs), and the
     # sampling policy when the batch is reused.
@@ -169,7 +174,6 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
                 refs.append(logprobs(chunk)[0])
             if cfg.updates_per_batch > 1:
                 olds.append(logprobs(chunk)[0])
-    stats = {"loss": 0.0, "kl": 0.0, "grad_norm": 0.0}
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
@@ -184,10 +188,12 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
             loss.backward()
             loss_sum += loss.item()
             kl_sum += (kl * comp).sum().item()
-        all_reduce_grads(params)
+        sum_grads(params)
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         optimizer.step()
-        stats["loss"], stats["kl"] = loss_sum, kl_sum / max(n_tokens, 1)
+        # loss: this rank's part of the global loss (the parts add up); kl: token mean over all ranks
+        stats["loss"], stats["kl_sum"] = loss_sum, kl_sum
+        stats["kl"] = all_sum([kl_sum])[0] / max(n_tokens_all, 1)
     return stats
 
 
@@ -203,18 +209,20 @@ def supervised_update(model, optimizer, samples: list[Sample], pad_id: int, micr
                       max_grad_norm: float = 1.0) -> dict:
     """One optimizer step of supervised fine-tuning (Re-ReST) on (prompt, completion) samples: the same
     layout and log-probs as the RL update, the loss nll_loss; advantages and KL are not used.
-    In data-parallel runs every rank calls this (an empty list is allowed) and gradients are averaged."""
+    In data-parallel runs every rank calls this (an empty list is allowed); the token mean is global and
+    the gradients are summed, as in update."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     n_tokens = sum(len(s.completion_ids) for s in samples)
+    n_tokens_all = all_sum([n_tokens])[0]  # the global token count: the ranks' losses add up to one mean
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
     for i in range(0, len(samples), micro_batch):
         ids, attn, comp = pad_batch(samples[i:i + micro_batch], pad_id, device)
-        loss = nll_loss(completion_logprobs(model, ids, attn, comp.shape[1]), comp, n_tokens)
+        loss = nll_loss(completion_logprobs(model, ids, attn, comp.shape[1]), comp, n_tokens_all)
         loss.backward()
         loss_sum += loss.item()
-    all_reduce_grads(params)
+    sum_grads(params)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm).item()
     optimizer.step()
     return {"loss": loss_sum, "grad_norm": grad_norm, "tokens": n_tokens}
@@ -229,17 +237,53 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_grads(params):
-    """Average gradients over ranks by hand: ranks may run different numbers of backward passes
-    (groups without signal are skipped), which DDP's hooks do not allow."""
-    rank, size = world()
-    if size == 1:
+def sum_grads(params):
+    """Sum gradients over ranks by hand (each rank's loss is already divided by the global normaliser):
+    ranks may run different numbers of backward passes, or none, which DDP's hooks do not allow."""
+    if world()[1] == 1:
         return
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
-        p.grad /= size
+
+
+def comm_device() -> str:
+    """Where collective tensors must live: the current GPU under NCCL, the CPU under gloo."""
+    return f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+
+
+def all_sum(numbers: list[float]) -> list[float]:
+    """Element-wise sum of a short list of numbers over ranks."""
+    if world()[1] == 1:
+        return list(numbers)
+    t = torch.tensor(numbers, dtype=torch.float64, device=comm_device())
+    dist.all_reduce(t)
+    return [int(x) if float(x).is_integer() else float(x) for x in t.tolist()]
+
+
+def broadcast_params(params):
+    """Every rank takes rank 0's values of params (a freshly initialised adapter)."""
+    if world()[1] == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
+def in_sync(params) -> bool:
+    """Do all ranks hold the same values of params? Compares a per-tensor fingerprint (sum and a
+    position-weighted sum, in float64) of every rank with rank 0's."""
+    if world()[1] == 1:
+        return True
+    prints = []
+    for p in params:
+        x = p.detach().double().flatten().cpu()
+        prints += [x.sum(), (x * torch.arange(1, len(x) + 1, dtype=torch.float64)).sum()]
+    mine = torch.stack(prints).to(comm_device())
+    everyone = [torch.empty_like(mine) for _ in range(world()[1])]
+    dist.all_gather(everyone, mine)
+    return all(torch.equal(everyone[0], other) for other in everyone)
 
 
 def gather(obj) -> list:

@@ -4,7 +4,7 @@ R3, plain GRPO, SCoRe, Re-ReST and eval.py all sample through these functions. E
 records holding the exact sampled token ids (the trainer scores exactly what was sampled) and the
 decoded text (the verifier judges the text).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import tasks
 from sample import generate
@@ -16,8 +16,20 @@ class Gen:
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | None = None
+    seed: int | list[int] | None = None  # a list: one seed per conversation; an int s: s + k for the k-th
     batch_size: int = 16  # prompts per sampler call, bounds memory in long evals
+
+
+def conversation_seeds(gen: Gen, count: int) -> list[int] | None:
+    """The seed of each of count conversations (see Gen.seed)."""
+    if gen.seed is None:
+        return None
+    return [gen.seed + k for k in range(count)] if isinstance(gen.seed, int) else list(gen.seed)
+
+
+def per_sample(seeds: list[int] | None, n: int) -> list[int] | None:
+    """Seeds for the n conversations that continue each of the given ones (sample j of seed s)."""
+    return None if seeds is None else [(s * 1_000_003 + 7919 * (j + 1)) % (1 << 63) for s in seeds for j in range(n)]
 
 
 @dataclass
@@ -55,10 +67,11 @@ def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int =
     from model import stop_token_ids
     stops = stop_token_ids(tok)
     prompts = [chat_ids(tok, c) for c in conversations]
+    seeds = conversation_seeds(gen, len(prompts))
     turns = []
     for start in range(0, len(prompts), gen.batch_size):
         chunk = prompts[start:start + gen.batch_size]
-        seed = None if gen.seed is None else gen.seed + start
+        seed = None if seeds is None else seeds[start:start + gen.batch_size]
         outs = generate(model, chunk, n=n, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                         top_p=gen.top_p, stop_token_ids=stops, seed=seed, pad_token_id=tok.pad_token_id)
         for i, ids in enumerate(outs):
@@ -85,6 +98,7 @@ def reflect_and_retry(model, tok, task: str, examples: list[dict], attempts: lis
     convs = [then(a.messages, a.text, tasks.reflect_instruction(task)) for a in attempts]
     reflections = sample_turns(model, tok, convs, reflect_gen, n_reflections)
     retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task)) for r in reflections]
+    retry_gen = replace(retry_gen, seed=per_sample(conversation_seeds(retry_gen, len(convs)), n_reflections))
     retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen),
                     [ex for ex in examples for _ in range(n_reflections)])
     G = n_reflections

@@ -10,6 +10,8 @@ import argparse
 import functools
 
 import torch
+
+import cli
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -64,11 +66,11 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     Returns, prompt-major (the n samples of prompt 0, then of prompt 1, ...), each completion's token
     ids up to and including its first stop token, or max_new_tokens ids. temperature 0 is greedy.
     ignore_stop=True generates exactly max_new_tokens (benchmarks with a fixed length).
+    seed: one per prompt (a list), or an int s meaning s + i for prompt i. Every output row draws from
+    its own generator, so a row's tokens do not depend on which other rows share the batch.
     """
     device = next(model.parameters()).device
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    generators = row_generators(seed, len(prompts), n, device)
 
     # Prefill each prompt once, left-padded to a common length; position ids count real tokens only.
     width = max(len(p) for p in prompts)
@@ -88,7 +90,7 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     stops = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
 
     for step in range(max_new_tokens):
-        next_tokens = pick(logits, temperature, top_p, generator)
+        next_tokens = pick(logits, temperature, top_p, generators and [generators[r] for r in rows.tolist()])
         for row, tok in zip(rows.tolist(), next_tokens.tolist()):
             outputs[row].append(tok)
         if step == max_new_tokens - 1:
@@ -108,13 +110,22 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     return outputs
 
 
+def row_generators(seed, n_prompts: int, n: int, device) -> list | None:
+    """One torch.Generator per output row (prompt i, sample j), seeded from the prompt's seed and j."""
+    if seed is None:
+        return None
+    seeds = [seed + i for i in range(n_prompts)] if isinstance(seed, int) else list(seed)
+    return [torch.Generator(device=device).manual_seed((s * 1_000_003 + j) % (1 << 63)) for s in seeds for j in range(n)]
+
+
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids for a left-padded batch: 0 at each row's first real token (pads get 1, as HF does)."""
     return (mask.cumsum(1) - 1).clamp(min=0).masked_fill(mask == 0, 1)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> torch.Tensor:
-    """Next token per row: argmax at temperature 0, else a draw from the (nucleus-truncated) softmax."""
+def pick(logits: torch.Tensor, temperature: float, top_p: float, generators=None) -> torch.Tensor:
+    """Next token per row: argmax at temperature 0, else a draw from the (nucleus-truncated) softmax,
+    row i's uniform from generators[i] (or the global RNG when there are none)."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -127,7 +138,11 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generator) -> t
     # Inverse-CDF draw: one uniform per row. torch.multinomial draws an exponential per vocabulary
     # entry, which was 15% of a SmolLM2 decode step on a 2-core CPU.
     cdf = probs.double().cumsum(-1)
-    u = torch.rand(len(probs), 1, generator=generator, device=probs.device, dtype=torch.float64) * cdf[:, -1:]
+    if generators:
+        u = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
+    else:
+        u = torch.rand(len(probs), device=probs.device, dtype=torch.float64)
+    u = u[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
@@ -160,5 +175,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main)

@@ -9,7 +9,9 @@ second attempt after each, asked for with the fixed correction instruction and n
 weights with the LoRA adapter off; rl.update does that through rl.reference_logprobs, per-sample beta):
 
   Stage I  (steps < --stage1-steps): reward only attempt 2; attempt 1 gets no reward, only the strong
-           KL beta2, which holds it at the base model while attempt 2 learns to correct it.
+           KL beta2, which holds it at the base model while attempt 2 learns to correct it (eq. 3 puts
+           no KL on attempt 2; --stage1-beta-t2 adds one). The boundary is stored in the checkpoint:
+           a resumed run keeps its own, whatever --steps says now.
   Stage II (the rest): reward both attempts (KL beta1), attempt 2 with the shaping bonus
            alpha * (r2 - r1): flipping wrong -> right pays, right -> wrong costs.
 
@@ -23,10 +25,11 @@ import time
 import torch
 
 import cli
+import loop
 import rl
 import rollout
-import train_r3
-from rollout import Gen
+from loop import mix_seed
+from rollout import Gen, per_sample
 
 
 # ---------------------------------------------------------------------------------------------- the rewards
@@ -52,31 +55,35 @@ def shaped_rewards(r1, r2, alpha: float, stage: int):
 
 def baseline_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     """REINFORCE with a baseline: reward minus its group's mean (consecutive runs of group_size rewards);
-    with group_size 1 there is no group, and the batch mean is the baseline."""
-    r = rewards.float().view(-1, group_size) if group_size > 1 else rewards.float().view(1, -1)
+    with group_size 1 there is no group, and the mean over the global batch (every rank's) is the baseline."""
+    if group_size == 1:
+        total, count = rl.all_sum([rewards.float().sum().item(), len(rewards)])
+        return rewards.float() - total / max(count, 1)
+    r = rewards.float().view(-1, group_size)
     return (r - r.mean(1, keepdim=True)).view(-1)
 
 
 def kl_betas(args, stage: int) -> tuple[float, float]:
-    """KL coefficients of (attempt 1, attempt 2): beta2 holds attempt 1 to the base in stage I."""
-    return (args.beta2 if stage == 1 else args.beta1), args.beta1
+    """KL coefficients of (attempt 1, attempt 2): in stage I beta2 holds attempt 1 to the base and attempt 2
+    gets --stage1-beta-t2 (eq. 3: none); in stage II both get beta1 (eq. 4)."""
+    return (args.beta2, args.stage1_beta_t2) if stage == 1 else (args.beta1, args.beta1)
 
 
 # ---------------------------------------------------------------------------------------------- one step
 
-def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list[dict], step: int, step_seed: int):
+def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list[dict], step: int, seeds: list[int]):
     """Two attempts per sample, shaped rewards, one REINFORCE update on both attempts' tokens."""
     t0 = time.perf_counter()
     G = args.group_size
     first = rollout.attempt(model, tok, args.task, examples, Gen(args.max_new_tokens, args.temperature,
-                                                                 seed=step_seed), n=G)
+                                                                 seed=seeds), n=G)
     second = rollout.correct(model, tok, args.task, [ex for ex in examples for _ in range(G)], first,
-                             Gen(args.max_new_tokens, args.temperature, seed=step_seed + 1))
+                             Gen(args.max_new_tokens, args.temperature, seed=per_sample([mix_seed(s, 1) for s in seeds], G)))
     t_sample = time.perf_counter() - t0
     c1 = [float(t.verdict.correct) for t in first]
     c2 = [float(t.verdict.correct) for t in second]
-    r1 = torch.tensor([train_r3.reward(t.verdict, args.reward) for t in first])  # = c1 unless --reward partial
-    r2 = torch.tensor([train_r3.reward(t.verdict, args.reward) for t in second])
+    r1 = torch.tensor([loop.reward(t.verdict, args.reward) for t in first])  # = c1 unless --reward partial
+    r2 = torch.tensor([loop.reward(t.verdict, args.reward) for t in second])
     s = stage(step, args)
     reward1, reward2 = shaped_rewards(r1, r2, args.alpha, s)
     adv1, adv2 = baseline_advantages(reward1, G), baseline_advantages(reward2, G)
@@ -89,16 +96,16 @@ def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list
     return {"reward": r2.tolist(), "solved": c2, "c1": c1, "shaped": reward2.tolist(), "stage": [s],
             "pass_any": torch.tensor(c2).view(-1, G).max(1).values.tolist(), "signal": signal.float().tolist(),
             "tokens": [sum(len(t.ids) for t in first + second)], "reflection_len": [], "sample_s": [t_sample],
-            "step_s": [time.perf_counter() - t0], **{k: [v] for k, v in stats.items()}}
+            "step_s": [time.perf_counter() - t0], **loop.update_stats(stats)}
 
 
 def describe(stats: dict) -> dict:
-    """The metrics line: train_r3.summarize (reward = mean r2) plus SCoRe's own numbers on the training
+    """The metrics line: loop.summarize (reward = mean r2) plus SCoRe's own numbers on the training
     samples: accuracy at each attempt, the flips wrong->right (i2c) and right->wrong (c2i), the stage.
     (acc_t1 / acc_t2 without the train_ prefix are the held-out eval's, added on eval steps.)"""
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     r1, r2 = stats["c1"], stats["solved"]  # correctness at each attempt
-    summary = train_r3.summarize(stats)
+    summary = loop.summarize(stats)
     del summary["reflection_len"]  # R3's; SCoRe has no reflections
     return {"stage": stats["stage"][0], **summary, "train_acc_t1": mean(r1),
             "train_acc_t2": mean(r2), "train_i2c": mean([float(a == 0 and b == 1) for a, b in zip(r1, r2)]),
@@ -109,7 +116,12 @@ def describe(stats: dict) -> dict:
 # ---------------------------------------------------------------------------------------------- the run
 
 def train(model, tok, optimizer, args, state: dict, train: list[dict], test: list[dict]):
-    """SCoRe's two stages on train_r3's loop (seeded batches, logging, eval in score mode, checkpoints)."""
+    """SCoRe's two stages on the shared loop (seeded batches, logging, eval in score mode, checkpoints)."""
+    if "stage1_steps" in state and state["stage1_steps"] != args.stage1_steps:
+        if rl.world()[0] == 0:
+            print(f"SCoRe: keeping the checkpoint's stage boundary, --stage1-steps {state['stage1_steps']} "
+                  f"(not {args.stage1_steps})")
+        args.stage1_steps = state["stage1_steps"]
     if args.group_size < 1 or args.batch_size < 1:
         raise cli.UsageError("--group-size and --batch-size must be at least 1")
     if args.stage1_steps < 0:
@@ -121,6 +133,6 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
         print(f"SCoRe: {stages} (alpha {args.alpha}, beta1 {args.beta1}, beta2 {args.beta2})")
     cfg = rl.UpdateConfig(args.beta1, args.clip_eps, args.updates_per_batch, args.micro_batch, agg=args.loss_agg,
                           temperature=args.temperature)
-    train_r3.train_loop(model, tok, optimizer, args, state, train, test,
-                        lambda step, batch, seed: score_step(model, tok, optimizer, args, cfg, batch, step, seed),
-                        describe=describe)
+    loop.train_loop(model, tok, optimizer, args, state, train, test,
+                    lambda step, batch, seeds: score_step(model, tok, optimizer, args, cfg, batch, step, seeds),
+                    describe=describe, extra_state=lambda: {"stage1_steps": args.stage1_steps})

@@ -265,13 +265,12 @@ def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
             if bfcl and "" in want:
                 continue
             return f"missing argument {key!r}"
+        # The message says what is wrong, never what is right: it is feedback (Re-ReST's reflector
+        # reads it), and an environment does not hand out the answer.
         if bfcl and not any(_fits_option(args[key], option) for option in want):
-            allowed = [option for option in want if option != ""]
-            return (f"argument {key!r} is {_show(args[key])}, "
-                    f"expected one of {_show(allowed)}")
+            return f"argument {key!r} = {_show(args[key])} is not a correct value"
         if not bfcl and not _equal(args[key], want):
-            return (f"argument {key!r} is {_show(args[key])}, "
-                    f"expected {_show(want)}")
+            return f"argument {key!r} = {_show(args[key])} is not a correct value"
     return None
 
 
@@ -410,7 +409,7 @@ def function_call(text: str, example: dict) -> Verdict:
     schemas = _schemas(example)
     names, gold_names = sorted(n for n, _ in calls), sorted(n for n, _ in gold)
     if names != gold_names:  # multisets of tool names differ
-        return _fail("wrong_tool", f"called {names} but expected {gold_names}")
+        return _fail("wrong_tool", f"called {names}: not the {len(gold_names)} tool call(s) this request needs")
     fits = [[_call_problem(name, args, g_name, g_args, schemas, bfcl) is None
              for g_name, g_args in gold] for name, args in calls]
     if _perfect_matching(fits):

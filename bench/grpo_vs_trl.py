@@ -54,6 +54,7 @@ def run_ours(a) -> dict:
     import rl
     import rollout
     import sample
+    import loop
     import train_r3
     from model import load_model
     torch.manual_seed(0)
@@ -68,7 +69,7 @@ def run_ours(a) -> dict:
     # and seeded random rewards (every group has signal, so every completion is trained on, as in TRL).
     rollout.generate = functools.partial(sample.generate, ignore_stop=True)
     rng = random.Random(0)
-    train_r3.reward = lambda verdict, kind="binary": rng.random()
+    loop.reward = lambda verdict, kind="binary": rng.random()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
     cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, args.updates_per_batch, args.micro_batch, agg=args.loss_agg,
                           temperature=args.temperature)
@@ -77,7 +78,7 @@ def run_ours(a) -> dict:
     steps = []
     for k in range(a.warmup + a.max_steps):
         queries = [{"example": ex} for ex in examples[k * a.prompts:(k + 1) * a.prompts]]
-        s = train_r3.train_step(model, tok, optimizer, args, cfg, queries, step_seed=k)
+        s = train_r3.train_step(model, tok, optimizer, args, cfg, queries, seeds=[1000 * k + i for i in range(len(queries))])
         assert all(s["signal"]) and s["tokens"][0] == a.prompts * a.group_size * a.max_new_tokens, s
         steps.append({"sample": s["sample_s"][0], "step": s["step_s"][0]})
     prompt_len = [len(rollout.chat_ids(tok, tasks_messages(ex))) for ex in examples[:a.prompts]]

@@ -146,6 +146,7 @@ def parse(argv=None):
 
 def main(argv=None):
     own, train_argv = parse(argv)
+    import loop
     import rl
     import rollout
     import train_r3
@@ -171,7 +172,7 @@ def main(argv=None):
     train_r3.train_step = clock.wrap_step(train_r3.train_step)
     if own.rewards == "random":
         rng = random.Random(0)
-        train_r3.reward = lambda verdict, kind="binary": rng.random()
+        loop.reward = lambda verdict, kind="binary": rng.random()
     t = time.perf_counter()
     try:
         train_r3.main(argv)

@@ -54,7 +54,7 @@ def test_stage_after_resume_inside_stage_two():
     state = {"step": 6}  # what rl.load_checkpoint returns for a run killed after step 6
     assert [score.stage(s, args) for s in range(state["step"], args.steps)] == [2, 2, 2, 2]
     assert score.stage(3, args) == 1 and score.stage(4, args) == 2
-    assert score.kl_betas(args, 1) == (args.beta2, args.beta1) and score.kl_betas(args, 2) == (args.beta1, args.beta1)
+    assert score.kl_betas(args, 1) == (args.beta2, 0.0) and score.kl_betas(args, 2) == (args.beta1, args.beta1)
 
 
 def test_baseline_is_the_group_mean_or_the_batch_mean():
@@ -150,10 +150,13 @@ def test_score_smoke_then_resume_in_stage_two(tiny_model_dir, tmp_path):
     assert not lora_b_moved(run)
     model_lib.load_model(str(tiny_model_dir), adapter=str(rl.latest_checkpoint(run) / "adapter"), device="cpu")
 
-    train_r3.main(run_args(tiny_model_dir, run, "score", "--stage1-steps", "1", "--steps", "3", "--resume"))
+    # resumed with more --steps and no --stage1-steps (its default, half of 5, would put step 3 in stage I):
+    # the checkpoint's boundary holds
+    train_r3.main(run_args(tiny_model_dir, run, "score", "--steps", "5", "--resume"))
     lines = read_metrics(run)
-    assert [(r["step"], r["stage"]) for r in lines] == [(1, 1), (2, 2), (3, 2)]
-    assert rl.latest_checkpoint(run).name == "ckpt-000003"
+    assert [(r["step"], r["stage"]) for r in lines] == [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2)]
+    assert rl.latest_checkpoint(run).name == "ckpt-000005"
+    assert json.loads((rl.latest_checkpoint(run) / "state.json").read_text())["stage1_steps"] == 1
 
 
 def test_score_scripted_verdicts_update_the_adapter(tiny_model_dir, tmp_path, monkeypatch):
@@ -168,6 +171,46 @@ def test_score_scripted_verdicts_update_the_adapter(tiny_model_dir, tmp_path, mo
     assert lines[0]["shaped_reward"] == lines[0]["reward"]  # stage I: attempt 2's reward unshaped
     assert lines[1]["kl"] > 0 and lines[1]["loss"] != 0  # the first update moved the policy off the base
     assert lora_b_moved(run)
+
+
+@pytest.mark.parametrize("n_items, batch_size, size", [(8, 4, 2), (8, 3, 2), (7, 4, 3), (5, 2, 1), (3, 4, 4)])
+def test_rerest_epoch_covers_every_item_once_across_ranks(n_items, batch_size, size):
+    for epoch_seed in (0, 1, 2):
+        batches = [rerest.epoch_batches(n_items, batch_size, epoch_seed, rank, size) for rank in range(size)]
+        seen = [i for rank_batches in batches for batch in rank_batches for i in batch]
+        assert sorted(seen) == list(range(n_items))
+        assert len({len(b) for b in batches}) == 1  # every rank takes part in every optimizer step
+
+
+def test_rerest_defaults_are_the_official_ones_and_others_keep_theirs():
+    a = train_r3.parse_args(["--method", "rerest"])
+    assert (a.lora_r, a.lora_alpha, a.lora_targets, a.lr) == (8, 16, "qv", 3e-4)
+    b = train_r3.parse_args(["--method", "r3"])
+    assert (b.lora_r, b.lora_alpha, b.lora_targets, b.lr, b.kl_beta) == (16, None, "all", 1e-4, 0.001)
+    c = train_r3.parse_args(["--method", "rerest", "--lora-r", "4", "--lr", "1e-3"])
+    assert (c.lora_r, c.lr) == (4, 1e-3)
+
+
+def test_rerest_feedback_never_holds_the_gold_answer():
+    """The reflector reads the verifier's feedback: on every BFCL row, a call with the right tool and a
+    wrong value for each gold argument must not be told the accepted values."""
+    rows = tasks.load_examples("function_calling", "train", n=200, seed=0)
+    checked = 0
+    for ex in rows:
+        for entry in ex["ground_truth"]:
+            for name, gold_args in entry.items():
+                for arg, allowed in gold_args.items():
+                    values = [v for v in allowed if v not in ("", None) and len(str(v)) > 3]
+                    if not values:
+                        continue
+                    call = json.dumps([{"name": n, "arguments": {**{a: "zzz-wrong" for a in ga}}}
+                                       for e in ex["ground_truth"] for n, ga in e.items()])
+                    verdict = tasks.verify("function_calling", call, ex)
+                    prompt = rerest.reflector_messages("function_calling", ex, call, verdict)[-1]["content"]
+                    feedback = prompt[prompt.index("The checker's feedback"):prompt.index("Write a corrected")]
+                    assert not verdict.correct and not any(str(v) in feedback for v in values), feedback
+                    checked += 1
+    assert checked > 50
 
 
 def test_rerest_smoke(tiny_model_dir, tmp_path):

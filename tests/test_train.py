@@ -92,22 +92,63 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path):
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_torchrun_two_gloo_processes(tiny_model_dir, tmp_path):
-    run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-                        SCRIPT, *small_args(tiny_model_dir, run, "--steps", "2", "--eval-every", "2")],
-                       capture_output=True, text=True, timeout=300, env=env)
+def run_script(argv, env, *, ranks: int = 1, port: int = 29531):
+    """The scripted trainer in a subprocess: one process, or `ranks` gloo processes under torchrun."""
+    launcher = [sys.executable] if ranks == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
+    r = subprocess.run([*launcher, SCRIPT, *argv], capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = read_metrics(run)
-    assert [rec["step"] for rec in lines] == [1, 2]  # rank 0 logs once per step
-    assert rl.latest_checkpoint(run).name == "ckpt-000002"
+    return r
+
+
+@pytest.mark.parametrize("method, port", [("grpo", 29531), ("r3", 29532)])
+def test_torchrun_two_ranks_train_the_same_model_as_one_process(tiny_model_dir, tmp_path, method, port):
+    """2 gloo ranks and one process, the same global batch: the same rewards at every step and the same
+    adapter at the end. The trainer itself checks after every step that the ranks' adapters agree
+    (loop.train_loop raises otherwise), so finishing also shows that."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    flags = ["--method", method, "--steps", "3", "--eval-every", "3", "--save-every", "1"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_script(small_args(tiny_model_dir, one, *flags), env)
+    run_script(small_args(tiny_model_dir, two, *flags), env, ranks=2, port=port)
+    lines, ref = read_metrics(two), read_metrics(one)
+    assert [rec["step"] for rec in lines] == [1, 2, 3]  # rank 0 logs once per step
+    assert any(rec["signal_frac"] > 0 for rec in ref), "want steps that train"
+    for a, b in zip(lines, ref):
+        assert a["reward"] == b["reward"] and a["solved"] == b["solved"] and a["signal_frac"] == b["signal_frac"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+        assert a["kl"] == pytest.approx(b["kl"], rel=1e-3, abs=1e-7)
+    assert (a["acc_t1"], a["acc_t2"]) == (b["acc_t1"], b["acc_t2"])
+    if method == "r3":
+        assert (one / "failures.jsonl").read_text() == (two / "failures.jsonl").read_text()
+    x, y = adapter_weights(two), adapter_weights(one)
+    assert x.keys() == y.keys()
+    for k in x:  # equal up to float rounding (other batch shapes, another order of the same sums), which Adam
+        # can grow to ~1e-5 at lr 1e-2 on near-zero gradients; a real difference is of the order of lr
+        assert (x[k] - y[k]).abs().max() < 1e-4 and (x[k] - y[k]).norm() <= 1e-4 * y[k].norm(), k
+    assert any(v.abs().sum() > 0 for k, v in x.items() if "lora_B" in k)
+
+
+def test_rank_sync_helpers_under_gloo(tmp_path):
+    """rl.in_sync sees ranks that differ, and rl.broadcast_params makes them agree (2 gloo processes)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = run_script_file(ROOT / "tests" / "dist_check.py", env)
+    assert r.stdout.count("in sync before: False, after: True") == 2, r.stdout
+
+
+def run_script_file(path, env, port: int = 29533):
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                        str(path)], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--task", "countdown", "--model", "/no/such/model"], "unknown model"),
     (["--task", "countdown", "--source", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["--task", "countdown", "--resume", "--out-dir", "/tmp/r3-empty-run-dir"], "no checkpoint"),
+    (["--task", "countdown", "--group-size", "1"], "--group-size must be at least 2"),
+    (["--task", "countdown", "--method", "grpo", "--temperature", "0"], "--temperature must be > 0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_model_dir):
     if "--model" not in argv:

@@ -1,0 +1,65 @@
+"""Merge a trained LoRA adapter into its base model: a plain Hugging Face model directory that
+transformers, vLLM or llama.cpp's convert_hf_to_gguf.py load with no peft and no r3 code.
+
+    python export.py runs/countdown-r3 --out exported/countdown-r3        # a run dir or an adapter dir
+    python export.py runs/countdown-r3/ckpt-000010/adapter --out merged --dtype float16
+
+The base model is the one the adapter was trained on (its adapter_config.json names it; --model
+overrides). A base trained in 4-bit (--4bit) is merged into the full-precision weights: the adapter
+was trained against the de-quantised weights, so this is the model it learned, and it stays loadable
+everywhere (merging into NF4 weights would re-quantise them, and many tools cannot read NF4).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+import cli
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("adapter", help="a run directory (its latest checkpoint) or an adapter directory")
+    p.add_argument("--out", required=True, help="the directory to write the merged model to (must not exist)")
+    p.add_argument("--model", default=None, help="the base model (default: the one the adapter names)")
+    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weights' dtype in the output")
+    return p.parse_args(argv)
+
+
+def base_model_name(adapter_dir: Path) -> str:
+    """The base model an adapter was trained on, as peft recorded it."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    return config.get("base_model_name_or_path") or ""
+
+
+def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.bfloat16) -> Path:
+    """Load base + adapter on the CPU, fold the LoRA product into the base weights, save model and tokenizer."""
+    from model import DEFAULT_MODEL, embedded_model_dir, load_model
+    name = model or base_model_name(adapter_dir) or DEFAULT_MODEL
+    if Path(name).resolve() == embedded_model_dir().resolve():  # peft records the cache path of the embedded model
+        name = DEFAULT_MODEL
+    peft_model, tok = load_model(name, adapter=str(adapter_dir), device="cpu", dtype=torch.float32)
+    merged = peft_model.merge_and_unload()  # W + (alpha / r) * B @ A, in float32, then a plain model
+    merged.to(dtype)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from eval import resolve_adapter
+    adapter = resolve_adapter(args.adapter)
+    out = Path(args.out)
+    if out.exists():
+        raise cli.UsageError(f"--out {out} already exists; give a new directory")
+    export(adapter, out, args.model, DTYPES[args.dtype])
+    print(f"merged {adapter} into {out}: load it with AutoModelForCausalLM.from_pretrained('{out}')")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,211 @@
+"""The run machinery every method shares: process group and model set-up, the step loop with seeded
+batches, rewards, the held-out eval, metrics lines and checkpoints.
+
+train_r3.py (R3, GRPO), score.py (SCoRe) and rerest.py (Re-ReST) import this file; it imports none of
+them. Data parallel (torchrun) is built to train *one* model: every rank starts from the same adapter,
+every row's randomness follows from its query and the step (not from the rank), the loss is normalised
+over the global batch and gradients are summed, so N ranks end where one process with the same global
+batch ends (tests/test_train.py checks it, and that the ranks' adapters agree after every step).
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import cli
+import rl
+import rollout
+from model import load_model
+from rollout import Gen
+
+TASK_TOKENS = {"countdown": 48, "function_calling": 128, "math": 256, "code": 256}  # answer lengths
+# --reward partial: some credit for failing closer to a pass, a denser signal for small models that
+# almost never pass (our choice, not the paper's; the papers and eval.py use the binary verdict).
+PARTIAL_CREDIT = {"invalid_equation": 0.1, "wrong_numbers": 0.25, "missed_target": 0.5, "wrong_tool": 0.1,
+                  "wrong_arguments": 0.5, "runtime_error": 0.1, "wrong_answer": 0.25}
+
+
+def reward(verdict, kind: str = "binary") -> float:
+    if verdict.correct:
+        return 1.0
+    return PARTIAL_CREDIT.get(verdict.error, 0.0) if kind == "partial" else 0.0
+
+
+# ---------------------------------------------------------------------------------------------- seeds and batches
+
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers (a fixed polynomial hash: the same on every rank and run)."""
+    h = 0
+    for x in parts:
+        h = (h * 1_000_003 + int(x) + 0x9E3779B9) % (1 << 63)
+    return h
+
+
+def batch_at(step: int, n_items: int, batch_size: int, seed: int) -> list[int]:
+    """Indices of step's global batch: epochs of a seeded shuffle, so the data position follows from the step."""
+    idx = []
+    for k in range(step * batch_size, (step + 1) * batch_size):
+        epoch, pos = divmod(k, n_items)
+        idx.append(torch.randperm(n_items, generator=torch.Generator().manual_seed(seed + epoch))[pos].item())
+    return idx
+
+
+def my_share(items: list, rank: int, size: int) -> list:
+    """This rank's items of a global list: every size-th, starting at rank."""
+    return items[rank::size]
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+
+def setup(args):
+    """Process group (under torchrun), seeds, run directory, model, optimizer, resumed state."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():  # before NCCL: its buffers go to the current device, else cuda:0 for all
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, size = rl.world()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    # The same seed on every rank: peft draws LoRA-A from it, and the ranks must start as one model.
+    torch.manual_seed(args.seed)
+    if args.lora_r <= 0:
+        raise cli.UsageError("training needs --lora-r > 0 (the base model with the adapter off is the KL reference)")
+    ckpt = rl.latest_checkpoint(args.out_dir) if args.resume else None
+    if args.resume and ckpt is None:
+        raise cli.UsageError(f"--resume: no checkpoint in {args.out_dir}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    model, tok = load_model(args.model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+                            lora_targets=args.lora_targets, load_in_4bit=args.load_in_4bit, device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rl.broadcast_params(params)  # belt and braces: rank 0's adapter is everyone's
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    state = {"step": 0}
+    if ckpt is not None:
+        state = rl.load_checkpoint(ckpt, model, optimizer)
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {state['step']}")
+    if rank == 0:
+        (args.out_dir / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
+        open_trackers(args)
+    return model, tok, optimizer, state, rank, size
+
+
+# ---------------------------------------------------------------------------------------------- logging and eval
+
+def log_line(args, record: dict):
+    """One metrics record: a line of metrics.jsonl, and the same numbers to --wandb / --tensorboard."""
+    with open(args.out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"}
+    for track in _trackers:
+        track(record.get("step", 0), numbers)
+
+
+_trackers, _closers = [], []  # set by open_trackers (rank 0 only), fed by log_line
+
+
+def open_trackers(args):
+    """--wandb / --tensorboard: experiment tracking with the same metrics as metrics.jsonl (off by default).
+    wandb runs offline when no API key is set up (sync later with `wandb sync`); a missing package is one line."""
+    if getattr(args, "wandb", False):
+        try:
+            import wandb
+        except ImportError:
+            raise cli.UsageError("--wandb needs the wandb package: pip install wandb")
+        netrc = Path.home() / ".netrc"
+        has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+        if not os.environ.get("WANDB_MODE") and not has_key:
+            os.environ["WANDB_MODE"] = "offline"
+            print(f"wandb: no API key, logging offline to {args.out_dir}/wandb (upload later: wandb sync <that dir>)")
+        run = wandb.init(project=args.wandb, name=args.out_dir.name, dir=str(args.out_dir), resume="allow",
+                         id=f"{args.out_dir.name}-{args.seed}", config={k: str(v) for k, v in vars(args).items()})
+        _trackers.append(lambda step, numbers: run.log(numbers, step=step))
+        _closers.append(run.finish)
+    if getattr(args, "tensorboard", False):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise cli.UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
+        writer = SummaryWriter(str(args.out_dir / "tensorboard"))
+
+        def write(step, numbers):
+            for name, value in numbers.items():
+                writer.add_scalar(name, value, step)
+            writer.flush()
+        _trackers.append(write)
+        _closers.append(writer.close)
+
+
+def close_trackers():
+    while _closers:
+        _closers.pop()()
+    _trackers.clear()
+
+
+def evaluate(model, tok, args, test: list[dict], rank: int, size: int) -> dict:
+    """First- and second-try accuracy on the held-out split (greedy), shared out over ranks."""
+    model.eval()
+    gen = Gen(args.max_new_tokens, temperature=0)
+    mode = "score" if args.method == "score" else "r3"
+    first, second = rollout.two_tries(model, tok, args.task, my_share(test, rank, size), gen, mode,
+                                      Gen(args.reflect_tokens, temperature=0))
+    model.train()
+    t1 = rl.gather([t.verdict.correct for t in first])
+    t2 = rl.gather([t.verdict.correct for t in second])
+    return {"acc_t1": sum(t1) / max(len(t1), 1), "acc_t2": sum(t2) / max(len(t2), 1)}
+
+
+def summarize(step_stats: dict) -> dict:
+    """Per-step JSON line from the (gathered) per-sample lists. loss is already the global batch's (each
+    rank's share divided by the global normaliser), so the ranks' parts add up; kl is a token mean."""
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return {"reward": mean(step_stats["reward"]), "solved": mean(step_stats["solved"]),
+            "pass_any": mean(step_stats["pass_any"]), "signal_frac": mean(step_stats["signal"]),
+            "kl": sum(step_stats["kl_sum"]) / max(sum(step_stats["kl_tokens"]), 1), "loss": sum(step_stats["loss"]),
+            "grad_norm": mean(step_stats["grad_norm"]),
+            "tokens_per_s": sum(step_stats["tokens"]) / max(max(step_stats["sample_s"]), 1e-9),
+            "step_s": max(step_stats["step_s"]), "reflection_len": mean(step_stats["reflection_len"])}
+
+
+def update_stats(stats: dict) -> dict:
+    """rl.update's numbers as the per-rank lists train_loop gathers."""
+    return {"loss": [stats["loss"]], "kl_sum": [stats["kl_sum"]], "kl_tokens": [stats["kl_tokens"]],
+            "grad_norm": [stats["grad_norm"]]}
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+def train_loop(model, tok, optimizer, args, state: dict, items: list, test: list[dict], step_fn, describe=summarize,
+               extra_state=None):
+    """The step loop shared by R3, GRPO and SCoRe. Per step: the seeded global batch, this rank's share
+    of it with one seed per item (a function of the run's seed, the step and the item's place in the
+    global batch, so the rank that samples it does not matter), step_fn(step, batch, seeds) -> dict of
+    per-sample lists, gathered over ranks and turned into one metrics line by describe; periodic eval and
+    checkpoints (state plus extra_state()). Everything follows from the step number, so --resume
+    continues where the checkpoint left off."""
+    rank, size = rl.world()
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    bar = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps, disable=rank != 0,
+               desc=f"{args.method} {args.task}")
+    for step in bar:
+        idx = batch_at(step, len(items), args.batch_size, args.seed)
+        seeds = [mix_seed(args.seed, step, k) for k in range(len(idx))]
+        stats = step_fn(step, my_share([items[i] for i in idx], rank, size), my_share(seeds, rank, size))
+        record = {"step": step + 1, "kind": "train", **describe({k: rl.gather(v) for k, v in stats.items()})}
+        if size > 1 and not rl.in_sync(params):
+            raise RuntimeError(f"step {step + 1}: the ranks' adapters differ (a data-parallel bug)")
+        bar.set_postfix(reward=f"{record['reward']:.3f}", signal=f"{record['signal_frac']:.2f}")
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            record.update(evaluate(model, tok, args, test, rank, size))
+            bar.write(f"step {step + 1}: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}")
+        if rank == 0:
+            log_line(args, record)
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                rl.save_checkpoint(args.out_dir, model, optimizer,
+                                   {"step": step + 1, "data_pos": (step + 1) * args.batch_size,
+                                    **(extra_state() if extra_state else {})})
+        if size > 1:
+            dist.barrier()
