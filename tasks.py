@@ -21,6 +21,7 @@ import io
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 from cli import UsageError
@@ -131,19 +132,43 @@ BFCL_CATEGORIES = ("simple_python", "multiple", "parallel", "parallel_multiple",
 
 
 def _bfcl():
-    examples = []
+    examples, contradictory = [], 0
     for category in BFCL_CATEGORIES:
         truth = {r["id"]: r["ground_truth"] for r in
                  _json_lines(_package_file("bfcl_eval", f"data/possible_answer/BFCL_v4_{category}.json"))}
         for r in _json_lines(_package_file("bfcl_eval", f"data/BFCL_v4_{category}.json")):
             if not _answerable(truth.get(r["id"])):
                 continue
+            if not _fits_own_schema(truth[r["id"]], r["function"]):
+                contradictory += 1
+                continue
             query = "\n\n".join(m["content"] for m in r["question"][0])  # a few live rows open with a system turn
             answers = [{"name": name, "arguments": _canonical(args)} for call in truth[r["id"]]
                        for name, args in call.items()]
             examples.append({"id": r["id"], "category": category, "query": query, "tools": r["function"],
                              "answers": answers, "ground_truth": truth[r["id"]]})
+    if not _REPORTED:  # once per process, not once per split
+        _REPORTED.append(contradictory)
+        print(f"bfcl: dropped {contradictory} rows whose gold answer contradicts their own tool schema",
+              file=sys.stderr)
     return examples
+
+
+_REPORTED = []
+
+
+def _fits_own_schema(ground_truth, functions):
+    """False when the gold answer uses an argument its tool does not define, or lets a required
+    one be left out: the verifier checks answers against the schema, so no answer could pass."""
+    schemas = {f["name"]: f["parameters"] for f in functions}
+    for call in ground_truth:
+        for name, args in call.items():
+            params = schemas.get(name, {})
+            if any(arg not in params.get("properties", {}) for arg in args):
+                return False
+            if any(arg not in args or "" in args[arg] for arg in params.get("required", [])):
+                return False
+    return True
 
 
 def _answerable(ground_truth):

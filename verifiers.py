@@ -3,19 +3,19 @@
 Every reward in the project comes from here, so these are strict, exact and safe on hostile
 input: no eval, exact rational arithmetic, capped input sizes, regexes that cannot backtrack
 badly, and model-written code runs only in a separate, resource-limited process (see `code`).
-Standard library only.
+No verifier raises: whatever the input, the answer is a Verdict (see _never_raises).
+Standard library only; the math verifier uses sympy (math_equiv.py) when it is installed, as it
+is with torch, and the code sandbox lives in sandbox.py.
 """
+import functools
 import json
-import os
 import re
-import secrets
-import signal
-import subprocess
-import sys
-import tempfile
+import time
 from dataclasses import dataclass
 from fractions import Fraction
-from functools import lru_cache
+
+import math_equiv
+import sandbox
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,20 @@ class Verdict:
 
 def _fail(error: str, message: str) -> Verdict:
     return Verdict(False, error, message)
+
+
+def _never_raises(verifier):
+    """A verifier's answer is a Verdict, whatever the input: a malformed example (a missing or
+    mistyped field) or an input we did not foresee fails closed instead of raising."""
+    @functools.wraps(verifier)
+    def safe(text, example, *args, **kwargs):
+        try:
+            if not isinstance(text, str) or not isinstance(example, dict):
+                raise TypeError("the completion must be a str and the example a dict")
+            return verifier(text, example, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 -- the point is to catch everything
+            return _fail("invalid_example", f"cannot judge: {type(e).__name__}: {_clip(str(e))}")
+    return safe
 
 
 def _clip(text: str, limit: int = 200) -> str:
@@ -129,6 +143,7 @@ class _Parser:
         raise _Invalid(f"unexpected {token!r}")
 
 
+@_never_raises
 def countdown(text: str, example: dict) -> Verdict:
     """Last <answer>...</answer> must use every number in example["nums"] exactly once and
     equal example["target"] exactly."""
@@ -201,16 +216,28 @@ def _maybe_json(value):
     return json.loads(value) if isinstance(value, str) else value
 
 
-def _equal(a, b) -> bool:
-    """JSON equality where 3 == 3.0 but True != 1 and "3" != 3."""
+# BFCL forgives differences of case, spacing and a few punctuation marks in strings ("April 1,
+# 2024" == "april 1 2024") and treats ' and " alike; these are its rules, in our own code.
+_STRING_NOISE = str.maketrans("", "", " ,./-_*^")
+
+
+def _loose(text: str) -> str:
+    return text.translate(_STRING_NOISE).lower().replace("'", '"')
+
+
+def _equal(a, b, loose: bool = False) -> bool:
+    """JSON equality where 3 == 3.0 but True != 1 and "3" != 3; `loose` compares strings the
+    way BFCL does."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_equal(a[k], b[k], loose) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_equal(x, y, loose) for x, y in zip(a, b))
+    if loose and isinstance(a, str) and isinstance(b, str):
+        return _loose(a) == _loose(b)
     return type(a) is type(b) and a == b
 
 
@@ -222,7 +249,7 @@ def _fits_option(value, option) -> bool:
         return _argument_problem(value, spec, bfcl=True) is None
     if isinstance(option, list) and isinstance(value, list):
         return len(option) == len(value) and all(map(_fits_option, value, option))
-    return _equal(value, option)
+    return _equal(value, option, loose=True)
 
 
 def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
@@ -247,8 +274,102 @@ def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
     return None
 
 
+# Schema types (BFCL's names and JSON Schema's) -> does a value have that type. As in BFCL, an
+# int passes for a float (Python widens it) but a float never passes for an integer, and bool
+# is not a number. Array items are checked one level deep, without the int -> float widening.
+_TYPES = {"string": (str,), "any": (str,), "integer": (int,), "float": (float,),
+          "number": (float,), "boolean": (bool,), "array": (list,), "tuple": (list,),
+          "dict": (dict,), "object": (dict,)}
+
+
+def _has_type(value, kind: str, top: bool) -> bool:
+    if top and kind in ("float", "number") and type(value) is int:
+        return True
+    return type(value) in _TYPES[kind]
+
+
+_NONE_GIVEN = object()  # not None: a gold value may be null
+
+
+def _first_given(options) -> object:
+    given = (o for o in options if o != "") if isinstance(options, list) else ()
+    return next(given, _NONE_GIVEN)
+
+
+def _type_problem(value, spec, options: list) -> str | None:
+    """Does `value` have the schema's type? BFCL lets a value whose type is that of the gold
+    answer's pass too (the gold may name a variable, as a string, for a number)."""
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind not in _TYPES:  # untyped or a type we do not know: the gold values decide
+        return None
+    example = _first_given(options)
+    if not _has_type(value, kind, top=True):
+        if example is not _NONE_GIVEN and type(value) is type(example):
+            return None
+        return f"expected {kind}, got {type(value).__name__}"
+    items = spec.get("items")
+    item_kind = items.get("type") if isinstance(items, dict) else None
+    if kind not in ("array", "tuple") or item_kind not in _TYPES:
+        return None
+    lists = [option for option in options if isinstance(option, list)]
+    if not lists:  # (BFCL also stops here when "" comes first: it would pass [1.0] as integers)
+        return None
+    for option in lists:  # every item must fit, against at least one gold list
+        sample = _first_given(option)
+        if all(_has_type(item, item_kind, top=False) or
+               (sample is not _NONE_GIVEN and type(item) is type(sample)) for item in value):
+            return None
+    return f"expected a list of {item_kind}"
+
+
+def _schemas(example: dict) -> dict:
+    """Tool name -> (properties, required) for tools with a JSON-Schema-style parameter object
+    (BFCL's and OpenAI's); tools without one (xlam's flat form) are not schema-checked."""
+    tools = example.get("tools", example.get("function"))
+    tools = _maybe_json(tools) if isinstance(tools, (str, list)) else []
+    schemas = {}
+    for tool in tools if isinstance(tools, list) else []:
+        tool = tool.get("function", tool) if isinstance(tool, dict) else None
+        params = tool.get("parameters") if isinstance(tool, dict) else None
+        props = params.get("properties") if isinstance(params, dict) else None
+        if isinstance(props, dict) and isinstance(tool.get("name"), str):
+            required = params.get("required")
+            required = [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
+            schemas.setdefault(tool["name"], (props, required))
+    return schemas
+
+
+def _schema_problem(args: dict, gold: dict, schema, bfcl: bool) -> str | None:
+    """Arguments against the tool's own schema: no unknown ones, every required one, types."""
+    if schema is None:
+        return None
+    props, required = schema
+    for key in required:
+        if key not in args:
+            return f"missing required argument {key!r}"
+    for key, value in args.items():
+        if key not in props:
+            return f"the tool has no argument {key!r}"
+        if key in gold:
+            options = gold[key] if bfcl else [gold[key]]
+            problem = _type_problem(value, props[key], options if isinstance(options, list) else [])
+        else:
+            problem = _type_problem(value, props[key], [])
+        if problem:
+            return f"argument {key!r}: {problem}"
+    return None
+
+
+def _call_problem(name, args, g_name, g_args, schemas, bfcl) -> str | None:
+    if name != g_name:
+        return f"called {name}, expected {g_name}"
+    return (_schema_problem(args, g_args, schemas.get(name), bfcl)
+            or _argument_problem(args, g_args, bfcl))
+
+
 def _perfect_matching(fits: list[list[bool]]) -> bool:
-    """Can every model call be paired with a distinct gold call it fits (Kuhn's algorithm)?"""
+    """Can every model call be paired with a distinct gold call it fits (Kuhn's algorithm)?
+    BFCL pairs greedily, in order, and so misses some valid pairings of parallel calls."""
     owner = {}  # gold index -> model index
 
     def place(i, seen):
@@ -263,29 +384,41 @@ def _perfect_matching(fits: list[list[bool]]) -> bool:
     return all(place(i, set()) for i in range(len(fits)))
 
 
+def _gold_calls(example: dict):
+    if "ground_truth" in example:
+        return True, [item for entry in _maybe_json(example["ground_truth"])
+                      for item in entry.items()]
+    return False, [(a["name"], _maybe_json(a["arguments"])) for a in _maybe_json(example["answers"])]
+
+
+@_never_raises
 def function_call(text: str, example: dict) -> Verdict:
     """Calls must equal the gold calls as a multiset: same names, same argument names and values.
     Gold is xlam form (example["answers"]: [{name, arguments}]) or BFCL form
-    (example["ground_truth"]: [{name: {arg: [allowed values]}}])."""
+    (example["ground_truth"]: [{name: {arg: [allowed values]}}]). Where the example carries the
+    tools with a JSON-Schema-style parameter object ("tools" or BFCL's "function"), arguments are
+    also checked against it as BFCL does: no unknown ones, every required one, and their types
+    (a float is not an integer). BFCL-form strings compare as BFCL's do (case, spaces and
+    ,./-_*^ ignored). Two places where we keep our own rule over BFCL's checker: parallel calls
+    may come in any order (BFCL's greedy pairing misses some), and [] is a value, not the
+    omission of an optional list argument."""
     calls = _model_calls(text)
     if isinstance(calls, str):
         return _fail("format", calls)
-    bfcl = "ground_truth" in example
-    if bfcl:
-        gold = [item for entry in _maybe_json(example["ground_truth"]) for item in entry.items()]
-    else:
-        gold = [(a["name"], _maybe_json(a["arguments"])) for a in _maybe_json(example["answers"])]
+    bfcl, gold = _gold_calls(example)  # a malformed example raises: _never_raises fails it
+    schemas = _schemas(example)
     names, gold_names = sorted(n for n, _ in calls), sorted(n for n, _ in gold)
     if names != gold_names:  # multisets of tool names differ
         return _fail("wrong_tool", f"called {names}: not the {len(gold_names)} tool call(s) this request needs")
-    fits = [[name == g_name and _argument_problem(args, g_args, bfcl) is None
+    fits = [[_call_problem(name, args, g_name, g_args, schemas, bfcl) is None
              for g_name, g_args in gold] for name, args in calls]
     if _perfect_matching(fits):
         return Verdict(True)
     for j, (g_name, g_args) in enumerate(gold):  # report the first gold call nobody fits
         if not any(row[j] for row in fits):
             args = next(args for name, args in calls if name == g_name)
-            return _fail("wrong_arguments", f"{g_name}: {_argument_problem(args, g_args, bfcl)}")
+            problem = _call_problem(g_name, args, g_name, g_args, schemas, bfcl)
+            return _fail("wrong_arguments", f"{g_name}: {problem}")
     return _fail("wrong_arguments", "the calls do not match the expected arguments one-to-one")
 
 
@@ -295,7 +428,7 @@ MAX_ANSWER_CHARS = 1000
 _ANSWER_TAIL = 10_000  # answer sentences are looked for only this far from the end
 _ANSWER_SENTENCE = re.compile(r"(?:final answer|the answer)\s*(?:is|:|=)\s*:?(?=([^\n]*))", re.I)
 _GSM8K_ANSWER = re.compile(r"####(?=([^\n]*))")
-_TEXT_GROUP = re.compile(r"\\(?:text|mbox|mathrm|textrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
+_TEXT_GROUP = re.compile(r"\\(?:textbf|textit|text|mbox|mathrm|mathbf|textrm)\s*\{([^{}]*)\}(?:\^\{?\d\}?)?")
 _NUMBER = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
 _FRAC = re.compile(r"(-?)\\frac\{(-?[\d.]+)\}\{(-?[\d.]+)\}")
 _LATEX_NOISE = [("\\left", ""), ("\\right", ""), ("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"),
@@ -344,6 +477,7 @@ def _normalize(answer: str) -> str:
     for old, new in _LATEX_NOISE:
         answer = answer.replace(old, new)
     answer = re.sub(r"^\*+|[*.]+$", "", "".join(answer.split()))  # markdown bold, final period
+    answer = answer.replace("{,}", ",")  # 1{,}940: LaTeX's way to keep a thousands comma tight
     answer = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", answer)
     answer = re.sub(r"\\sqrt(\d)", r"\\sqrt{\1}", answer)
     if answer.count("=") == 1 and re.match(r"[A-Za-z]\w*=", answer):  # "x=5" -> "5"
@@ -367,9 +501,12 @@ def _as_number(answer: str) -> Fraction | None:
     return None
 
 
+@_never_raises
 def math(text: str, example: dict) -> Verdict:
     """Final answer (last \\boxed{}, else "#### x", else "the (final) answer is x") must equal
     example["answer"] after LaTeX normalisation, or as a number."""
+    start = time.monotonic()
+    math_equiv.warm_up()  # starts loading sympy in the background, once
     found = _final_answer(text)
     if found is None or not found.strip():
         return _fail("format", "no final answer found (put it in \\boxed{...})")
@@ -383,6 +520,8 @@ def math(text: str, example: dict) -> Verdict:
     a, b = _as_number(ours), _as_number(theirs)
     if a is not None and a == b:
         return Verdict(True)
+    if math_equiv.equal(ours, theirs, seconds=0.8 - (time.monotonic() - start)):
+        return Verdict(True)
     return _fail("wrong_answer", f"final answer {_clip(found.strip())} is not correct")
 
 
@@ -390,115 +529,6 @@ def math(text: str, example: dict) -> Verdict:
 
 MAX_PROGRAM_CHARS = 100_000
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[ \t]*\n(.*?)```", re.S)  # disjoint classes: no blow-up
-
-# The runner is the first code in the child process. It reads the whole job (program, tests,
-# nonce) from stdin before any model code runs, so no file or pipe holds the nonce afterwards;
-# prints the nonce only if the tests ran to their end; and exits with os._exit, so exit hooks
-# set by the program cannot run after it. Exit codes: 2 a test failed, 3 other exception,
-# 4 early SystemExit, 5 a returned object that fakes comparisons.
-_RUNNER = r'''
-import builtins, io, json, linecache, os, resource, shutil, subprocess, sys, traceback
-from functools import wraps
-from itertools import chain, islice
-from types import FunctionType  # bound now: the program may patch the modules later
-
-RISKY = {"__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__bool__", "__len__",
-         "__abs__", "__sub__", "__rsub__", "__float__", "__round__", "__iter__", "__contains__",
-         "__getattr__", "__getattribute__"}
-
-class SpoofError(Exception):
-    pass
-
-def spoofs(cls):  # a class from the program that redefines comparison or arithmetic
-    risky = [cls.__dict__[name] for name in RISKY & cls.__dict__.keys()]
-    return bool(risky) and (cls.__module__ == "__solution__" or any(
-        getattr(getattr(f, "__code__", None), "co_filename", "") == "<solution>" for f in risky))
-
-def reject_spoofs(value):
-    stack, budget = [value], 10000
-    while stack and budget > 0:
-        item, budget = stack.pop(), budget - 1
-        if any(spoofs(cls) for cls in type(item).__mro__):
-            raise SpoofError(f"returned a {type(item).__name__} object that overrides "
-                             "comparison or arithmetic; return built-in values only")
-        if isinstance(item, dict):
-            stack.extend(islice(chain(item, item.values()), budget))
-        elif isinstance(item, (list, tuple, set, frozenset)):
-            stack.extend(islice(item, budget))
-
-def checked(fn):
-    @wraps(fn)
-    def wrapper(*args, **kwargs):
-        result = fn(*args, **kwargs)
-        reject_spoofs(result)
-        return result
-    return wrapper
-
-def guard(root):
-    """Disable tracing, destructive functions and writes outside the work dir: a seat belt
-    against accidents, not a wall against a determined attacker (the OS limits are the wall)."""
-    def blocked(*args, **kwargs):
-        raise PermissionError("disabled in the sandbox")
-    for name in ("system", "kill", "killpg", "fork", "forkpty", "popen", "remove", "unlink",
-                 "rmdir", "removedirs", "rename", "renames", "replace", "truncate", "chmod",
-                 "chown", "lchown", "fchmod", "fchown", "link", "symlink", "chdir", "chroot",
-                 "execv", "execve", "spawnv", "spawnve", "posix_spawn", "posix_spawnp", "setuid",
-                 "setgid", "mkfifo"):
-        for module in (os, sys.modules["posix"]):
-            if hasattr(module, name):
-                setattr(module, name, blocked)
-    shutil.rmtree = shutil.move = shutil.chown = subprocess.Popen = blocked
-    resource.setrlimit = sys.settrace = sys.setprofile = blocked  # a tracer can skip asserts
-    real_open = builtins.open
-    def sandbox_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+") and not isinstance(file, int) and \
-                not os.path.realpath(file).startswith(root + os.sep):
-            raise PermissionError(f"writing outside the work dir is disabled: {file}")
-        return real_open(file, mode, *args, **kwargs)
-    builtins.open = io.open = sandbox_open
-    builtins.exit = builtins.quit = sys.exit  # what `site` would add; python runs with -S
-
-def run(source, filename, namespace):
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
-    exec(compile(source, filename, "exec"), namespace)
-
-def main():
-    job = json.loads(sys.stdin.read())
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    write, exit_now, nonce = os.write, os._exit, job.pop("nonce").encode()
-    for name, limit in [("RLIMIT_AS", job["memory"]), ("RLIMIT_CPU", job["cpu"]),
-                        ("RLIMIT_FSIZE", 10 ** 7), ("RLIMIT_NPROC", 0), ("RLIMIT_CORE", 0)]:
-        try:
-            resource.setrlimit(getattr(resource, name), (limit, limit))
-        except (ValueError, OSError):
-            pass
-    guard(os.path.realpath(os.getcwd()))
-    # not "__main__": a demo block under `if __name__ == "__main__":` is not part of the answer
-    saved_builtins, namespace = dict(builtins.__dict__), {"__name__": "__solution__"}
-    in_tests = False  # an AssertionError in the program itself is a runtime error
-    try:
-        run(job["program"], "<solution>", namespace)
-        builtins.__dict__.clear()  # undo any tampering with builtins before the tests run
-        builtins.__dict__.update(saved_builtins)
-        namespace["__builtins__"] = builtins
-        for name, value in list(namespace.items()):
-            if isinstance(value, FunctionType) and value.__code__.co_filename == "<solution>":
-                namespace[name] = checked(value)
-        in_tests = True
-        run(job["tests"], "<tests>", namespace)
-    except BaseException as e:
-        tb = e.__traceback__  # show only the program's and the tests' frames
-        while tb is not None and tb.tb_frame.f_code.co_filename not in ("<solution>", "<tests>"):
-            tb = tb.tb_next
-        write(2, "".join(traceback.format_exception(type(e), e, tb)).encode(errors="replace"))
-        exit_now(4 if isinstance(e, SystemExit) else 5 if isinstance(e, SpoofError)
-                 else 2 if in_tests and isinstance(e, AssertionError) else 3)
-    write(1, b"\n" + nonce + b"\n")
-    exit_now(0)
-
-main()
-'''
-
 
 def _extract_program(text: str) -> str:
     blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(text)]
@@ -510,93 +540,37 @@ def _extract_program(text: str) -> str:
     return text
 
 
-@lru_cache(maxsize=1)
-def _sandbox_uid() -> int | None:
-    """When running as root, run model code as `nobody` if that user can start Python here."""
-    if os.name != "posix" or os.geteuid() != 0:
-        return None
-    try:
-        probe = subprocess.run([sys.executable, "-I", "-S", "-c", "pass"], user=65534,
-                               group=65534, extra_groups=[], cwd="/", capture_output=True,
-                               timeout=30)
-        return 65534 if probe.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _tail(file, limit: int) -> str:
-    file.seek(0, os.SEEK_END)
-    file.seek(max(0, file.tell() - limit))
-    return file.read().decode(errors="replace")
-
-
-def _run_sandboxed(program: str, tests: str, timeout: float, memory: int) -> Verdict:
-    nonce = secrets.token_hex(16)
-    job = json.dumps({"program": program, "tests": tests, "nonce": nonce, "memory": memory,
-                      "cpu": int(timeout) + 2}).encode()
-    uid = _sandbox_uid()
-    with tempfile.TemporaryDirectory(prefix="r3_code_", ignore_cleanup_errors=True) as workdir, \
-            tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        if uid is not None:
-            os.chown(workdir, uid, uid)
-        ids = {} if uid is None else {"user": uid, "group": uid, "extra_groups": []}
-        env = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}
-        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _RUNNER], stdin=subprocess.PIPE,
-                                stdout=out, stderr=err, cwd=workdir, env=env,
-                                start_new_session=True, **ids)
-        try:
-            proc.communicate(job, timeout=timeout)
-            timed_out = False
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        finally:  # kill the whole session: also anything the program forked
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            proc.wait()
-            try:
-                proc.stdin.close()  # still open if the timeout hit while writing the job
-            except OSError:
-                pass
-        stdout, stderr = _tail(out, 4096), _tail(err, 1000).strip()
-    rc = proc.returncode
-    if timed_out:
-        return _fail("timeout", f"timed out after {timeout:g} s\n{stderr}".strip())
-    if rc == 0 and nonce in stdout:
-        return Verdict(True)
-    if rc in (0, 4):
-        return _fail("wrong_answer",
-                     f"the program exited before the tests finished\n{stderr}".strip())
-    if rc in (2, 5):
-        return _fail("wrong_answer", stderr or "a test failed")
-    if rc < 0:
-        return _fail("runtime_error", f"killed by signal {-rc}\n{stderr}".strip())
-    return _fail("runtime_error", stderr or f"exited with code {rc}")
-
-
+@_never_raises
 def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) -> Verdict:
-    """Run the program and the example's tests in a sandboxed child process.
+    """Run the program and the example's tests in a sandboxed child process (sandbox.py).
 
     HumanEval form: {"prompt", "test", "entry_point"}; the prompt (imports, helpers, signature)
     always goes first, so the completion may be the function body or the whole function (a
     full redefinition replaces the prompt's stub). MBPP form: {"test_list", optional
     "test_setup_code", "test_imports"}. Correct only if the tests run to their end.
 
-    Threat model: the program is untrusted and runs in the same process as the tests. Caught:
-    early exit (exit(), sys.exit, os._exit, before or during tests), printing fake success (the
-    harness wants a random per-run nonce on stdout plus exit code 0, and the nonce lives only in
-    the runner's memory, read from stdin before the program starts), tampering with builtins
-    (undone before the tests), tracers that skip asserts (sys.settrace is disabled), returned
-    objects of program-defined classes that override __eq__ and friends, forks (RLIMIT_NPROC=0
-    and the session is killed), sleeps (timeout, then SIGKILL to the process group), memory
-    (RLIMIT_AS), huge files (RLIMIT_FSIZE), and accidental damage outside the temp work dir
-    (destructive os/shutil functions and writing open() are disabled; as root, the child runs
-    as `nobody` when it can). The child gets a minimal environment (no API keys). Not caught:
-    a program that deliberately digs the nonce out of the runner's frames or memory, fake
-    modules planted in sys.modules for the tests to import, setsid() escapes, or OS-level
-    damage as root when `nobody` cannot run Python. Use a container or VM for untrusted code
-    at scale.
+    Threat model: the program is untrusted and runs in the same process as the trusted tests.
+    Caught: early exit (exit(), sys.exit, os._exit, before or during tests); printing fake
+    success (the harness wants a random per-run nonce on stdout plus exit code 0; the parent
+    puts the nonce in a pipe that the runner reads only after the tests, so no frame or object
+    holds it while the program runs); tampering with builtins (undone before the tests);
+    patching or replacing modules the tests use (math.fabs, a fake module in sys.modules: the
+    tests' imports are loaded first, every module is restored before the tests, and a function
+    patched during the tests fails the run); redefining the prompt's helpers that the tests
+    call (HumanEval/32 poly, /38 encode_cyclic: the tests get them rebuilt from the prompt);
+    tracers that skip asserts (sys.settrace is disabled); returned objects of program-defined
+    classes that override __eq__ and friends; forks (RLIMIT_NPROC=0 and the session is killed);
+    sleeps (timeout, then SIGKILL to the process group); memory (RLIMIT_AS); huge files
+    (RLIMIT_FSIZE); writes outside the temp work dir through open, io/_io, os.open, os.mkdir
+    and the destructive os/shutil functions. As root, the child runs as `nobody` (with the
+    system Python of the same version when `nobody` cannot run ours); then the OS enforces the
+    file limits too. The child gets a minimal environment (no API keys).
+    Not defended: a program that reads the nonce's pipe itself (its fd is inherited) or the
+    parent's memory when it runs as the caller; calling libc through ctypes (open, fork as
+    root, setsid); patching a class's methods (collections.Counter.__eq__) or a module
+    function during one call and restoring it in the next; OS-level damage when it runs as
+    the caller (not root, or root with no Python `nobody` can run). Use a container or VM
+    for untrusted code at scale.
     """
     if len(text) > 2 * MAX_PROGRAM_CHARS:
         return _fail("format", "completion too long")
@@ -608,10 +582,17 @@ def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) 
     if "test_list" in example:
         tests = "\n".join([*example.get("test_imports", []), example.get("test_setup_code", ""),
                            *example["test_list"]])
+        trusted, entry_point = "", ""
     else:
-        program = example.get("prompt", "") + "\n" + program
-        tests = f"{example['test']}\n\ncheck({example['entry_point']})\n"
-    return _run_sandboxed(program, tests, timeout, memory)
+        trusted, entry_point = example.get("prompt", ""), example["entry_point"]
+        program = trusted + "\n" + program
+        tests = f"{example['test']}\n\ncheck({entry_point})\n"
+    outcome, message = sandbox.run(program, tests, trusted, entry_point, timeout, memory)
+    if outcome == "passed":
+        return Verdict(True)
+    if outcome in ("exited", "failed"):
+        return _fail("wrong_answer", message)
+    return _fail("timeout" if outcome == "timeout" else "runtime_error", message)
 
 
 VERIFIERS = {"countdown": countdown, "function_calling": function_call, "math": math, "code": code}

