@@ -174,7 +174,7 @@ def test_every_task_runs_through_r3(tiny_model_dir, tmp_path, monkeypatch, task)
     """The same loop on every task in verifiers.py (real prompts and data; scripted verdicts)."""
     monkeypatch.setattr(tasks, "verify", scripted_verify)
     run = tmp_path / task
-    train_r3.main(["--model", str(tiny_model_dir), "--task", task, "--train-size", "4", "--eval-size", "2",
+    train_r3.main(["--model", str(tiny_model_dir), "--task", task, "--train-size", "8", "--eval-size", "2",
                    "--max-new-tokens", "4", "--reflect-tokens", "4", "--group-size", "2", "--batch-size", "2",
                    "--lora-r", "4", "--steps", "1", "--eval-every", "1", "--out-dir", str(run)])
     (line,) = read_metrics(run)
