@@ -148,10 +148,9 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int) -
     path = args.out_dir / "failures.jsonl"
     meta = {"model": args.model, "task": args.task, "source": args.source, "seed": args.seed,
             "n": len(train), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    if path.exists():
-        lines = path.read_text().splitlines()
-        if lines and json.loads(lines[0]) == meta:
-            return [json.loads(line) for line in lines[1:]]
+    cached = read_failures(path, meta, rank)
+    if cached is not None:
+        return cached
     mine = loop.my_share(list(range(len(train))), rank, size)
     seeds = [mix_seed(args.seed, FAILURE_SET_TAG, i) for i in mine]  # by query, not by rank
     turns = rollout.attempt(model, tok, args.task, [train[i] for i in mine], Gen(args.max_new_tokens,
@@ -164,6 +163,26 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int) -
         tmp.write_text("\n".join(json.dumps(r) for r in [meta] + rows) + "\n")
         os.replace(tmp, path)
     return rows
+
+
+def read_failures(path, meta: dict, rank: int) -> list[dict] | None:
+    """The cached failure set if it was made with meta, else None. It is a cache: a damaged one (a kill
+    mid-write on another filesystem, an edit) is rebuilt, with a line saying so."""
+    if not path.exists():
+        return None
+    try:
+        lines = path.read_text().splitlines()
+        if json.loads(lines[0]) != meta:
+            return None
+        rows = [json.loads(line) for line in lines[1:]]
+        if all(isinstance(r, dict) and isinstance(r.get("example"), dict) and isinstance(r.get("attempt"), str)
+               for r in rows):
+            return rows
+    except (ValueError, IndexError, OSError):
+        pass
+    if rank == 0:
+        print(f"{path}: damaged cache of the failure set; rebuilding it")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -229,9 +248,13 @@ def main(argv=None):
     # The data first: a bad --source fails in a second, not after loading the model.
     train = tasks.load_examples(args.task, "train", source=args.source, n=args.train_size, seed=args.seed)
     test = tasks.load_examples(args.task, "test", source=args.source, n=args.eval_size, seed=args.seed)
+    if not train:
+        raise cli.UsageError(f"no training examples for {args.task} from {args.source or 'the default source'}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(header(args))
     model, tok, optimizer, state, rank, size = loop.setup(args)
+    train = loop.fit_context(model, tok, args, train, "train")
+    test = loop.fit_context(model, tok, args, test, "eval", mode="score" if args.method == "score" else "r3")
     if args.method in ("score", "rerest"):
         (score if args.method == "score" else rerest).train(model, tok, optimizer, args, state, train, test)
     else:
