@@ -14,10 +14,13 @@ def read_file(path):
     if path.suffix not in FILE_SUFFIXES:
         raise UsageError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
     if path.suffix == ".parquet":
-        datasets = _datasets()
         try:
-            data = datasets.load_dataset("parquet", data_files=str(path), split="train")
-        except Exception as e:  # pyarrow and datasets raise many kinds; each means the same: unreadable
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise UsageError("parquet files need the `pyarrow` package: pip install pyarrow")
+        try:  # pyarrow itself, not datasets: datasets logs its own error lines before raising
+            data = pq.read_table(path).to_pylist()
+        except Exception as e:  # noqa: BLE001 -- pyarrow raises many kinds; each means the same: unreadable
             raise UsageError(f"{path}: not a readable parquet file ({first_line(e)})")
         return [(f"{path} row {i + 1}", row) for i, row in enumerate(data)]
     try:
@@ -66,5 +69,5 @@ def _datasets():
     try:
         import datasets
     except ImportError:
-        raise UsageError("parquet files and Hub datasets need the `datasets` package: pip install datasets")
+        raise UsageError("Hub datasets need the `datasets` package: pip install datasets")
     return datasets
