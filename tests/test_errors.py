@@ -208,7 +208,7 @@ def test_rows_longer_than_the_context_are_skipped_with_a_count(tiny_model_dir, t
     out = capsys.readouterr().out
     assert "skipped 1 of" in out and "context of 2048" in out and steps(run) == [1]
     only_long = tmp_path / "only-long.jsonl"
-    only_long.write_text(json.dumps(long_row) + "\n" + json.dumps({**long_row, "target": 8}) + "\n" * 2)
+    only_long.write_text("".join(json.dumps({**long_row, "target": t}) + "\n" for t in range(10)))
     for program, argv in [(ev.main, ["--model", str(tiny_model_dir), "--source", str(only_long), "--n", "5",
                                      "--out", str(tmp_path / "e")]),
                           (train_r3.main, train_args(tiny_model_dir, tmp_path / "run2", "--source", str(only_long)))]:
