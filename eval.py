@@ -39,12 +39,15 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="embedded model, Hub id, local dir or .gguf file")
     p.add_argument("--adapter", default=None, help="a run directory (its latest checkpoint) or an adapter directory")
     p.add_argument("--compare", action="store_true", help="base model and --adapter side by side, same examples")
-    p.add_argument("--n", type=int, default=500, help="held-out examples (the first n of the test split; at least 1)")
+    p.add_argument("--n", type=int, default=500,
+                   help="held-out examples (the first n of the test split; at least 1)")
     p.add_argument("--method", default="r3", choices=["r3", "score"], help="how the second try is asked for")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the papers' evaluation); >= 0")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: per task, as training; at least 1)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length (default: per task, as training; at least 1)")
     p.add_argument("--reflect-tokens", type=int, default=64, help="reflection length (r3)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per chunk (sampled together, then saved; at least 1)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="examples per chunk (sampled together, then saved; at least 1)")
     p.add_argument("--out", default="evals", help="directory for results and summaries (must be writable)")
     p.add_argument("--seed", type=int, default=0, help="test-split order and sampling seed")
     p.add_argument("--plot", default=None, metavar="METRICS_JSONL", help="plot a training run's metrics instead")

@@ -154,10 +154,10 @@ def load_adapter(model, adapter, model_name: str):
             raise ValueError("not a JSON object")
     except (ValueError, OSError) as e:
         raise UsageError(f"{config}: not a valid adapter config ({_first_line(e)})")
-    if not weights.exists():
+    if not weights.exists() and not (Path(adapter) / "adapter_model.bin").exists():
         raise UsageError(f"{weights}: missing (the adapter's weights)")
     try:
-        if not load_file(weights):
+        if weights.exists() and not load_file(weights):
             raise ValueError("holds no tensors")
     except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type for every kind of damage
         raise UsageError(f"{weights}: empty, truncated or corrupt ({_first_line(e)})")

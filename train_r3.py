@@ -37,7 +37,8 @@ METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, epilog=LIMITS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=LIMITS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="countdown", choices=tasks.TASK_NAMES)
     p.add_argument("--source", default=None, help="task data: a built-in source name, a local file or a Hub id "
                    f"(defaults: {tasks.DEFAULT_SOURCE})")
@@ -106,8 +107,8 @@ LIMITS = f"""limits (checked before anything loads; a broken one is one error li
   --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps: >= 0
   --out-dir: a directory that can be written; one run at a time (a lock); a fresh run refuses a directory
   that already holds a run's metrics or checkpoints (--resume it, or pick another --out-dir)
-  data rows: at most {tasks.MAX_ROW_CHARS:,} characters each (longer ones are skipped with a count); rows whose prompt and token budget
-  (--max-new-tokens, --reflect-tokens) exceed the model's context are skipped with a count"""
+  data rows: at most {tasks.MAX_ROW_CHARS:,} characters each, and a prompt that fits the model's context
+  with --max-new-tokens and --reflect-tokens; other rows are skipped with a count (none left: an error)"""
 
 
 def validate(args):

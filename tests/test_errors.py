@@ -388,3 +388,17 @@ def test_errors_through_the_real_command(tiny_model_dir, tmp_path):
         r = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert r.returncode == 2 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_trim_metrics_keeps_what_the_checkpoint_covers(tmp_path, capsys):
+    """Step lines up to the checkpoint's step, Re-ReST lines of finished rounds, nothing half-written."""
+    import rundir
+    lines = [{"step": 1, "kind": "train"}, {"step": 2, "kind": "train"}, {"step": 3, "kind": "train"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step": 4, "rew')
+    rundir.trim_metrics(tmp_path, {"step": 2}, print)
+    assert steps(tmp_path) == [1, 2] and "dropped 2 line(s)" in capsys.readouterr().out
+    rerest = [{"step": 0, "kind": "rerest", "round": 1, "phase": "sample"}, {"step": 4, "round": 1, "phase": "eval"},
+              {"step": 4, "round": 2, "phase": "sample"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rerest))
+    rundir.trim_metrics(tmp_path, {"step": 4, "round": 1}, print)
+    assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 1]
