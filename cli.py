@@ -1,7 +1,9 @@
 """The edge of every command: a user's mistake becomes one clear line and exit code 2. Every entry
 point imports this first, so it is also where third-party noise is turned down."""
 import logging
+import os
 import sys
+from pathlib import Path
 
 # bitsandbytes, imported by peft on every run, logs a warning on CPUs with AVX512-BF16 when the optional
 # `kernels` package (a faster CPU 4-bit matmul) is missing: noise on a run without --4bit, and only a
@@ -19,3 +21,35 @@ def run(main):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def check_flags(rules: list[tuple[str, object, bool, str]]):
+    """rules: (flag, value, ok, what it must be). The first broken one is the error."""
+    for flag, value, ok, want in rules:
+        if not ok:
+            raise UsageError(f"{flag} must be {want}; got {value}")
+
+
+def writable_dir(path, flag: str) -> Path:
+    """A directory we can write in (made if missing), or one line saying why not."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path}: exists and is not a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create the directory ({e.strerror or e})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path}: the directory is not writable")
+    return path
+
+
+def writable_file(path, flag: str) -> Path:
+    """A file path whose directory we can write in (checked before the work, not after)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a directory, not a file")
+    writable_dir(path.parent, flag)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UsageError(f"{flag} {path}: the file is not writable")
+    return path

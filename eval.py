@@ -39,13 +39,16 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="embedded model, Hub id, local dir or .gguf file")
     p.add_argument("--adapter", default=None, help="a run directory (its latest checkpoint) or an adapter directory")
     p.add_argument("--compare", action="store_true", help="base model and --adapter side by side, same examples")
-    p.add_argument("--n", type=int, default=500, help="held-out examples (the first n of the test split)")
+    p.add_argument("--n", type=int, default=500,
+                   help="held-out examples (the first n of the test split; at least 1)")
     p.add_argument("--method", default="r3", choices=["r3", "score"], help="how the second try is asked for")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the papers' evaluation)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="answer length (default: per task, as training)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the papers' evaluation); >= 0")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length (default: per task, as training; at least 1)")
     p.add_argument("--reflect-tokens", type=int, default=64, help="reflection length (r3)")
-    p.add_argument("--batch-size", type=int, default=16, help="examples per chunk (sampled together, then saved)")
-    p.add_argument("--out", default="evals", help="directory for results and summaries")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="examples per chunk (sampled together, then saved; at least 1)")
+    p.add_argument("--out", default="evals", help="directory for results and summaries (must be writable)")
     p.add_argument("--seed", type=int, default=0, help="test-split order and sampling seed")
     p.add_argument("--plot", default=None, metavar="METRICS_JSONL", help="plot a training run's metrics instead")
     p.add_argument("--plot-out", default=None, help="PNG path (default: the metrics file with .png)")
@@ -189,14 +192,31 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
 def resolve_adapter(path: str) -> Path:
     """A run directory (its latest checkpoint's adapter/), a checkpoint directory, or an adapter directory."""
     p = Path(path)
-    if (p / "latest").is_file():
+    if (p / "latest").exists():
         import rl
-        p = rl.latest_checkpoint(p)
+        ckpt = rl.latest_checkpoint(p)
+        if ckpt is None:
+            raise cli.UsageError(f"{p / 'latest'}: damaged (it names no checkpoint); pass a checkpoint's adapter "
+                                 f"directory instead, e.g. {p}/ckpt-<step>/adapter")
+        p = ckpt
     for candidate in (p, p / "adapter"):
         if (candidate / "adapter_config.json").is_file():
             return candidate.resolve()
     raise cli.UsageError(f"no adapter at {path}: give a run directory (with a latest checkpoint) "
                          "or an adapter directory (with adapter_config.json)")
+
+
+def validate(args):
+    """Flags no evaluation could use, and an --out that cannot be written: one line before any work."""
+    if args.plot:
+        return
+    cli.check_flags([("--n", args.n, args.n >= 1, "at least 1"),
+                     ("--batch-size", args.batch_size, args.batch_size >= 1, "at least 1"),
+                     ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 1,
+                      "at least 1"),
+                     ("--reflect-tokens", args.reflect_tokens, args.reflect_tokens >= 1, "at least 1"),
+                     ("--temperature", args.temperature, args.temperature >= 0, ">= 0")])
+    cli.writable_dir(args.out, "--out")
 
 
 def main(argv=None):
@@ -206,20 +226,20 @@ def main(argv=None):
     adapter = resolve_adapter(args.adapter) if args.adapter else None
     if args.compare and adapter is None:
         raise cli.UsageError("--compare needs --adapter (a run directory or an adapter directory)")
-    if args.n <= 0 or args.batch_size <= 0:
-        raise cli.UsageError("--n and --batch-size must be positive")
+    validate(args)
     from model import load_model
-    from loop import TASK_TOKENS
+    from loop import TASK_TOKENS, fit_context
     examples = tasks.load_examples(args.task, "test", source=args.source, n=args.n, seed=args.seed)
     if not examples:
         raise cli.UsageError(f"no held-out examples for {args.task} from {args.source or 'the default source'}")
     model, tok = load_model(args.model, adapter=str(adapter) if adapter else None)
     model.eval()
+    args.max_new_tokens = args.max_new_tokens or TASK_TOKENS[args.task]
+    examples = fit_context(model, tok, args, examples, "eval", mode=args.method)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     base = {"model": args.model, "adapter": None, "task": args.task,
             "source": args.source or tasks.DEFAULT_SOURCE[args.task], "n": args.n, "method": args.method,
-            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens or TASK_TOKENS[args.task],
+            "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "reflect_tokens": args.reflect_tokens, "seed": args.seed}
     configs = {}
     if adapter is None or args.compare:
@@ -272,7 +292,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 def plot(path: Path, out: Path | None = None) -> Path:
     rows = read_metrics(path)
-    out = out or path.with_suffix(".png")
+    out = cli.writable_file(out or path.with_suffix(".png"), "--plot-out")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -290,8 +310,10 @@ def plot(path: Path, out: Path | None = None) -> Path:
         ax.set_xlabel("step")
     fig.suptitle(str(path))
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    try:
+        fig.savefig(out, dpi=120)
+    except OSError as e:
+        raise cli.UsageError(f"--plot-out {out}: cannot write it ({e.strerror or e})")
     plt.close(fig)
     print(f"wrote {out}")
     return out

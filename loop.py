@@ -18,6 +18,8 @@ from tqdm import tqdm
 import cli
 import rl
 import rollout
+import rundir
+import tasks
 from model import load_model
 from rollout import Gen
 
@@ -26,6 +28,9 @@ TASK_TOKENS = {"countdown": 48, "function_calling": 128, "math": 256, "code": 25
 # almost never pass (our choice, not the paper's; the papers and eval.py use the binary verdict).
 PARTIAL_CREDIT = {"invalid_equation": 0.1, "wrong_numbers": 0.25, "missed_target": 0.5, "wrong_tool": 0.1,
                   "wrong_arguments": 0.5, "runtime_error": 0.1, "wrong_answer": 0.25}
+
+
+CONTEXT_MARGIN = 16  # a reply re-tokenized inside the chat template can take a few more tokens than it was
 
 
 def reward(verdict, kind: str = "binary") -> float:
@@ -72,24 +77,71 @@ def setup(args):
     torch.manual_seed(args.seed)
     if args.lora_r <= 0:
         raise cli.UsageError("training needs --lora-r > 0 (the base model with the adapter off is the KL reference)")
-    ckpt = rl.latest_checkpoint(args.out_dir) if args.resume else None
-    if args.resume and ckpt is None:
-        raise cli.UsageError(f"--resume: no checkpoint in {args.out_dir}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
+    say = print if rank == 0 else (lambda *a: None)
+    check_run_dir(args, rank)
     model, tok = load_model(args.model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             lora_targets=args.lora_targets, load_in_4bit=args.load_in_4bit, device=device)
     params = [p for p in model.parameters() if p.requires_grad]
     rl.broadcast_params(params)  # belt and braces: rank 0's adapter is everyone's
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     state = {"step": 0}
-    if ckpt is not None:
-        state = rl.load_checkpoint(ckpt, model, optimizer)
+    if args.resume:
+        state = rundir.resume(args, model, optimizer, say)
+        if args.method != "rerest" and state["step"] > args.steps:
+            raise cli.UsageError(f"--resume: the checkpoint is at step {state['step']}, beyond --steps "
+                                 f"{args.steps}; give --steps {state['step'] + 1} or more to train further")
         if rank == 0:
-            print(f"resumed from {ckpt} at step {state['step']}")
+            rundir.trim_metrics(args.out_dir, state, say)
+            rundir.clear_temporaries(args.out_dir)
     if rank == 0:
         (args.out_dir / "args.json").write_text(json.dumps({k: str(v) for k, v in vars(args).items()}, indent=1))
         open_trackers(args)
     return model, tok, optimizer, state, rank, size
+
+
+def check_run_dir(args, rank: int):
+    """Before the model loads: the run directory is writable and ours alone (rank 0 takes the lock), and
+    it holds no other run (fresh) or the same run (--resume)."""
+    run = args.out_dir
+    if args.resume and not (run.is_dir() and rundir.has_started(run)):
+        raise cli.UsageError(f"--resume: no checkpoint in {run} (no run was started there)")
+    if rank != 0:
+        return
+    rundir.lock(run)
+    if args.resume:
+        rundir.check_same_run(args)
+    else:
+        rundir.check_fresh(run)
+
+
+def fit_context(model, tok, args, examples: list[dict], what: str, mode: str | None = None) -> list[dict]:
+    """The examples whose longest conversation fits the model's context: the first-attempt prompt, the
+    method's follow-up instructions and every token it may generate. The rest are skipped with a count,
+    never fed to the model; none left is an error."""
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    mode = mode or {"grpo": "none", "score": "score"}.get(args.method, "r3")
+    follow = {"none": [], "score": [tasks.correction_instruction(args.task)],
+              "r3": [tasks.reflect_instruction(args.task), tasks.retry_instruction(args.task)]}[mode]
+    generated = args.max_new_tokens * (1 + (mode != "none")) + (args.reflect_tokens if mode == "r3" else 0)
+    if not context or not examples:
+        return examples
+    if generated >= context:
+        raise cli.UsageError(f"--max-new-tokens/--reflect-tokens: {generated} tokens to generate do not fit "
+                             f"the model's context of {context}")
+    keep = []
+    for ex in examples:
+        messages = tasks.first_attempt_messages(args.task, ex)
+        for instruction in follow:
+            messages += [{"role": "assistant", "content": ""}, {"role": "user", "content": instruction}]
+        if len(rollout.chat_ids(tok, messages)) + generated + CONTEXT_MARGIN <= context:
+            keep.append(ex)
+    if len(keep) < len(examples) and rl.world()[0] == 0:
+        print(f"{what}: skipped {len(examples) - len(keep)} of {len(examples)} examples whose prompt and "
+              f"{generated} generated tokens exceed the model's context of {context}")
+    if not keep:
+        raise cli.UsageError(f"{what}: no example fits the model's context of {context} tokens with "
+                             f"{generated} generated (lower --max-new-tokens/--reflect-tokens, or shorter rows)")
+    return keep
 
 
 # ---------------------------------------------------------------------------------------------- logging and eval

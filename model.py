@@ -129,10 +129,7 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
     model.generation_config.pad_token_id = setup_tokenizer(tokenizer)
 
     if adapter is not None:
-        from peft import PeftModel
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise UsageError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=True)
+        model = load_adapter(model, adapter, name)
     elif lora_r > 0:
         from peft import LoraConfig, get_peft_model
         config = LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=0.0,
@@ -141,6 +138,39 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
     if load_in_4bit and (lora_r > 0 or adapter):
         model.enable_input_require_grads()  # gradients must flow through the frozen 4-bit layers
     return model, tokenizer
+
+
+def load_adapter(model, adapter, model_name: str):
+    """A saved LoRA adapter on top of model, its files checked first: a missing, empty, truncated or corrupt
+    file, or an adapter trained on another base model, is one line naming the file and what is wrong."""
+    import json
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    config, weights = Path(adapter) / "adapter_config.json", Path(adapter) / "adapter_model.safetensors"
+    if not config.exists():
+        raise UsageError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
+    try:
+        if not isinstance(json.loads(config.read_text()), dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, OSError) as e:
+        raise UsageError(f"{config}: not a valid adapter config ({_first_line(e)})")
+    if not weights.exists() and not (Path(adapter) / "adapter_model.bin").exists():
+        raise UsageError(f"{weights}: missing (the adapter's weights)")
+    try:
+        if weights.exists() and not load_file(weights):
+            raise ValueError("holds no tensors")
+    except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type for every kind of damage
+        raise UsageError(f"{weights}: empty, truncated or corrupt ({_first_line(e)})")
+    try:
+        return PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    except Exception as e:  # noqa: BLE001 -- size mismatch (RuntimeError), bad config fields (TypeError, ...)
+        mismatch = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise UsageError(f"{adapter}: this adapter does not fit --model {model_name} (trained on another base "
+                         f"model, or a damaged adapter_config.json: {(mismatch or [_first_line(e)])[0][:200]})")
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def setup_tokenizer(tokenizer) -> int:

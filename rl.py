@@ -9,6 +9,7 @@ the "completion" is the reflection, so attempt and retry tokens are masked out b
 import json
 import os
 import random
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -323,20 +324,65 @@ def save_checkpoint(run_dir: Path, model, optimizer, state: dict, keep: int = 2)
 
 
 def latest_checkpoint(run_dir) -> Path | None:
-    pointer = Path(run_dir) / "latest"
-    return Path(run_dir) / pointer.read_text().strip() if pointer.exists() else None
+    """The checkpoint the `latest` pointer names, or None: no pointer, or one that names no checkpoint."""
+    try:
+        name = (Path(run_dir) / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable, binary garbage
+        return None
+    ckpt = Path(run_dir) / name
+    return ckpt if re.fullmatch(r"ckpt-\d+", name) and ckpt.is_dir() else None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Restore adapter weights, optimizer and RNG states in place; return the trainer state."""
-    from peft import set_peft_model_state_dict
+def read_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    """Every file of a checkpoint, read back and checked against this model and optimizer without changing
+    either: ValueError("<file>: what is wrong") for a file that is missing, corrupt or of another shape."""
+    from peft import get_peft_model_state_dict
     from safetensors.torch import load_file
-    set_peft_model_state_dict(model, load_file(ckpt / "adapter" / "adapter_model.safetensors"))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=False))
-    rng = torch.load(ckpt / "rng.pt", weights_only=False)
+
+    def read(name, load):
+        try:
+            return load(ckpt / name)
+        except Exception as e:  # noqa: BLE001 -- json, pickle, safetensors and OS errors all mean "damaged"
+            raise ValueError(f"{name}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}")
+    state = read("state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("state.json: no integer step")
+    if not isinstance(read("adapter/adapter_config.json", lambda p: json.loads(p.read_text())), dict):
+        raise ValueError("adapter/adapter_config.json: not a JSON object")
+    adapter = read("adapter/adapter_model.safetensors", load_file)
+    want = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    got = {k: v.shape for k, v in adapter.items()}
+    if want != got:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ValueError(f"adapter/adapter_model.safetensors: {len(diff)} tensor(s) missing or of another shape "
+                         f"than this model's adapter, e.g. {diff[0]} (another --model or --lora-r?)")
+    opt = read("optimizer.pt", lambda p: torch.load(p, weights_only=False))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        sizes = [len(g["params"]) for g in opt["param_groups"]]
+        shapes_ok = all(v.shape == params[i].shape for i, st in opt["state"].items() for v in st.values()
+                        if torch.is_tensor(v) and v.dim() > 0)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        sizes, shapes_ok = None, False
+    if sizes != [len(g["params"]) for g in optimizer.param_groups] or not shapes_ok:
+        raise ValueError("optimizer.pt: not this model's optimizer state")
+    rng = read("rng.pt", lambda p: torch.load(p, weights_only=False))
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
+        raise ValueError("rng.pt: not the random-number states")
+    return {"state": state, "adapter": adapter, "optimizer": opt, "rng": rng}
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, contents: dict | None = None) -> dict:
+    """Restore adapter weights, optimizer and RNG states in place; return the trainer state. contents:
+    what read_checkpoint returned, if it was already called (it is called here otherwise)."""
+    from peft import set_peft_model_state_dict
+    c = contents or read_checkpoint(ckpt, model, optimizer)
+    set_peft_model_state_dict(model, c["adapter"])
+    optimizer.load_state_dict(c["optimizer"])
+    rng = c["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
-    if rng["cuda"] is not None and torch.cuda.is_available():
+    if rng.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    return json.loads((ckpt / "state.json").read_text())
+    return c["state"]

@@ -24,7 +24,9 @@ import re
 import sys
 from pathlib import Path
 
+import datafiles
 from cli import UsageError
+from datafiles import FILE_SUFFIXES
 
 TASK_NAMES = ("countdown", "function_calling", "math", "code")
 DEFAULT_SOURCE = {"countdown": "generated", "function_calling": "bfcl", "math": "math500", "code": "humaneval"}
@@ -32,7 +34,9 @@ SOURCES = {"countdown": ("generated", "easy", "24"), "function_calling": ("bfcl"
            "math": ("math500", "gsm8k"), "code": ("humaneval",)}
 SPLITS = ("train", "test")
 TEST_FRACTION = 0.2
-FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
+# A user's row longer than this (as JSON) is skipped with a count: no task's prompt needs it, and a
+# 10 MB row would otherwise cost gigabytes and minutes before the context check could drop it.
+MAX_ROW_CHARS = 100_000
 
 
 def load_examples(task: str, split: str = "train", *, source: str | None = None, n: int | None = None,
@@ -202,7 +206,20 @@ def _xlam_row(row, where, i):
                          f"({type(e).__name__}: {e})")
     if not isinstance(row.get("query"), str) or not isinstance(tools, list) or not isinstance(answers, list):
         raise UsageError(f"{where}: expected an xlam row with a string query and lists of tools and answers")
-    return {"id": str(row.get("id", i)), "query": row["query"], "tools": tools, "answers": answers}
+    calls = [{"name": a.get("name"), "arguments": _maybe_json(a.get("arguments", {}))} if isinstance(a, dict) else None
+             for a in answers]
+    if not all(isinstance(t, dict) for t in tools) or not answers or not all(
+            c and isinstance(c["name"], str) and isinstance(c["arguments"], dict) for c in calls):
+        raise UsageError(f"{where}: expected xlam tools as objects and answers as "
+                         "[{name: string, arguments: object}, ...]")
+    return {"id": str(row.get("id", i)), "query": row["query"], "tools": tools, "answers": calls}
+
+
+def _maybe_json(value):
+    try:
+        return json.loads(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
 
 
 # --------------------------------------------------------------------------------------------- math
@@ -243,7 +260,7 @@ def _math_row(row, where, i):
         answer, solution = _after_hashes(answer), answer
     elif answer is None and isinstance(solution, str):  # MATH form: the last \boxed{} of the solution
         answer = last_boxed(solution)
-    if not isinstance(problem, str) or answer is None:
+    if not isinstance(problem, str) or answer is None or not isinstance(answer, (str, int, float)):
         raise UsageError(f"{where}: expected a math row {{problem, solution with \\boxed{{}}}} "
                          "or {problem/question, answer}")
     example = {"id": str(row.get("id", row.get("unique_id", i))), "problem": problem, "answer": str(answer)}
@@ -263,11 +280,14 @@ def _humaneval():
 
 def _mbpp_row(row, where, i):
     text, tests = row.get("text", row.get("prompt")), row.get("test_list")
-    if not isinstance(text, str) or not isinstance(tests, list) or not all(isinstance(t, str) for t in tests):
-        raise UsageError(f"{where}: expected an MBPP row {{text, code, test_list: [strings], test_setup_code?}}")
+    setup, imports, code = row.get("test_setup_code") or "", row.get("test_imports") or [], row.get("code") or ""
+    strings = lambda xs: isinstance(xs, list) and all(isinstance(x, str) for x in xs)  # noqa: E731
+    if not isinstance(text, str) or not strings(tests) or not strings(imports) or not isinstance(setup, str) \
+            or not isinstance(code, str):
+        raise UsageError(f"{where}: expected an MBPP row {{text, code?, test_list: [strings], "
+                         "test_setup_code?: string, test_imports?: [strings]}}")
     return {"id": str(row.get("task_id", row.get("id", i))), "text": text, "test_list": tests,
-            "test_setup_code": row.get("test_setup_code") or "",
-            "test_imports": list(row.get("test_imports") or []), "canonical_solution": row.get("code", "")}
+            "test_setup_code": setup, "test_imports": imports, "canonical_solution": code}
 
 
 BUILTIN = {"24": _game_of_24, "bfcl": _bfcl, "math500": _math500, "gsm8k": _gsm8k, "humaneval": _humaneval}
@@ -291,64 +311,31 @@ def _load_external(task, source):
     """Examples from a user's file or a Hub dataset; a countdown problem that repeats is kept once."""
     path = Path(source).expanduser()
     if path.is_file():
-        rows = _read_file(path)
+        rows = datafiles.read_file(path)
     elif path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise UsageError(f"{source}: no such file")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
-        rows = _read_hub(source)
+        rows = datafiles.read_hub(source)
     else:
         raise UsageError(f"unknown {task} source {source!r}; choose one of: {', '.join(SOURCES[task])}, "
                          f"a local {'/'.join(FILE_SUFFIXES)} file, or a Hugging Face Hub id (owner/name)")
-    examples = {}
+    examples, too_long = {}, 0
     for i, (where, row) in enumerate(rows):
         if not isinstance(row, dict):
             raise UsageError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if len(json.dumps(row, default=str)) > MAX_ROW_CHARS:
+            too_long += 1
+            continue
         ex = ROW_READERS[task](row, where, i)
         if ex["id"] in examples and task != "countdown":
             raise UsageError(f"{where}: duplicate id {ex['id']!r}")
         examples.setdefault(ex["id"], ex)
+    if too_long:
+        print(f"{source}: skipped {too_long} row(s) longer than {MAX_ROW_CHARS:,} characters")
+    if not examples:
+        raise UsageError(f"{source}: no {task} rows" + (f" (all {too_long} longer than {MAX_ROW_CHARS:,} "
+                                                        "characters)" if too_long else ""))
     return list(examples.values())
-
-
-def _read_file(path):
-    """[(where, row)], where is 'file:line' for JSON lines, 'file item i' / 'file row i' otherwise."""
-    if path.suffix not in FILE_SUFFIXES:
-        raise UsageError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
-    if path.suffix == ".parquet":
-        data = _datasets().load_dataset("parquet", data_files=str(path), split="train")
-        return [(f"{path} row {i + 1}", row) for i, row in enumerate(data)]
-    text = path.read_text()
-    if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON lines
-        try:
-            return [(f"{path} item {i + 1}", row) for i, row in enumerate(json.loads(text))]
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{e.lineno}: not valid JSON ({e.msg})")
-    rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        try:
-            rows += [(f"{path}:{lineno}", json.loads(line))] if line.strip() else []
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})")
-    return rows
-
-
-def _read_hub(name):
-    try:
-        data = _datasets().load_dataset(name)
-    except Exception as e:  # offline, unknown, gated: the same advice
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"could not load {name!r} from the Hugging Face Hub ({reason}); the Hub may be "
-                         f"unreachable -- pass a local {'/'.join(FILE_SUFFIXES)} file instead")
-    split = "train" if "train" in data else next(iter(data))
-    return [(f"{name} [{split}] row {i + 1}", row) for i, row in enumerate(data[split])]
-
-
-def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError("parquet files and Hub datasets need the `datasets` package: pip install datasets")
-    return datasets
 
 
 # ------------------------------------------------------------------------------------------ prompts
@@ -425,7 +412,12 @@ def correction_instruction(task: str) -> str:
 
 
 def verify(task: str, text: str, example: dict):
-    """The task's verifier on a model's text: a verifiers.Verdict(correct, error, message)."""
+    """The task's verifier on a model's text: a verifiers.Verdict(correct, error, message). It never
+    raises: a row the verifier cannot use fails as "invalid_example", so one bad row cannot end a run."""
     _check_task(task)
     import verifiers
-    return verifiers.VERIFIERS[task](text, example)
+    try:
+        return verifiers.VERIFIERS[task](text, example)
+    except Exception as e:  # noqa: BLE001 -- rows are validated at load; this is the last line of defence
+        return verifiers.Verdict(False, "invalid_example",
+                                 f"the example could not be checked ({datafiles.first_line(e)})")

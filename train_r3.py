@@ -41,7 +41,8 @@ METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=LIMITS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="countdown", choices=tasks.TASK_NAMES)
     p.add_argument("--source", default=None, help="task data: a built-in source name, a local file or a Hub id "
                    f"(defaults: {tasks.DEFAULT_SOURCE})")
@@ -103,12 +104,7 @@ def parse_args(argv=None):
                 setattr(args, name, value)
     if args.method == "score" and args.kl_beta is not None:
         p.error("--kl-beta is R3/GRPO's; SCoRe's KL coefficients are --beta1 and --beta2")
-    if args.group_size < 2 and args.method in ("r3", "grpo"):
-        raise cli.UsageError(f"--group-size must be at least 2 for {args.method}: a group of one has no advantage "
-                             f"(its reward minus its own mean), so nothing would be learned; got {args.group_size}")
-    if args.temperature <= 0 and args.method != "rerest":
-        raise cli.UsageError(f"--temperature must be > 0 for training: at {args.temperature} every sample of a "
-                             "group is the same, so no group carries signal")
+    validate(args)
     for name, value in METHOD_DEFAULTS["rerest" if args.method == "rerest" else "other"].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -117,6 +113,45 @@ def parse_args(argv=None):
     args.out_dir = Path(args.out_dir or f"runs/{args.task}-{args.method}")
     args.stage1_steps = args.steps // 2 if args.stage1_steps is None else args.stage1_steps
     return args
+
+
+LIMITS = f"""limits (checked before anything loads; a broken one is one error line, exit code 2):
+  --steps, --batch-size, --micro-batch, --updates-per-batch, --save-every, --train-size, --k,
+  --max-new-tokens, --reflect-tokens, --lora-r, --lora-alpha: at least 1
+  --group-size: at least 2 for r3 and grpo, at least 1 otherwise
+  --lr, --clip-eps: > 0; --temperature: > 0 (Re-ReST: >= 0); --kl-beta, --alpha, --beta1, --beta2,
+  --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps: >= 0
+  --out-dir: a directory that can be written; one run at a time (a lock); a fresh run refuses a directory
+  that already holds a run's metrics or checkpoints (--resume it, or pick another --out-dir)
+  data rows: at most {tasks.MAX_ROW_CHARS:,} characters each, and a prompt that fits the model's context
+  with --max-new-tokens and --reflect-tokens; other rows are skipped with a count (none left: an error)"""
+
+
+def validate(args):
+    """Every flag that argparse accepts but no run could use: one line at parse time, not a crash later."""
+    a, rl_method = args, args.method in ("r3", "grpo")
+    if a.group_size < 2 and rl_method:
+        raise cli.UsageError(f"--group-size must be at least 2 for {a.method}: a group of one has no advantage "
+                             f"(its reward minus its own mean), so nothing would be learned; got {a.group_size}")
+    if a.temperature <= 0 and a.method != "rerest":
+        raise cli.UsageError(f"--temperature must be > 0 for training: at {a.temperature} every sample of a "
+                             "group is the same, so no group carries signal")
+    at_least_1 = ["steps", "batch_size", "group_size", "micro_batch", "updates_per_batch", "save_every",
+                  "train_size", "reflect_tokens", "k"]
+    non_negative = ["eval_size", "eval_every", "sft_epochs", "alpha", "beta1", "beta2", "stage1_beta_t2",
+                    "temperature"]
+    optional = [("max_new_tokens", 1), ("lora_r", 1), ("lora_alpha", 1)]  # None: the per-method default
+    rules = [(name, getattr(a, name), getattr(a, name) >= 1, "at least 1") for name in at_least_1]
+    rules += [(name, getattr(a, name), getattr(a, name) >= 0, ">= 0") for name in non_negative]
+    rules += [(name, getattr(a, name), getattr(a, name) is None or getattr(a, name) >= low, f"at least {low}")
+              for name, low in optional]
+    rules += [(name, getattr(a, name), getattr(a, name) is None or getattr(a, name) > 0, "> 0")
+              for name in ("lr", "clip_eps")]
+    rules += [(name, getattr(a, name), getattr(a, name) is None or getattr(a, name) >= 0, ">= 0")
+              for name in ("kl_beta", "stage1_steps")]
+    cli.check_flags([("--" + name.replace("_", "-"), value, ok, want) for name, value, ok, want in rules])
+    if a.out_dir is not None and Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
+        raise cli.UsageError(f"--out-dir {a.out_dir}: exists and is not a directory")
 
 
 # ---------------------------------------------------------------------------------------------- the data
@@ -130,10 +165,9 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int) -
     path = args.out_dir / "failures.jsonl"
     meta = {"model": args.model, "task": args.task, "source": args.source, "seed": args.seed,
             "n": len(train), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
-    if path.exists():
-        lines = path.read_text().splitlines()
-        if lines and json.loads(lines[0]) == meta:
-            return [json.loads(line) for line in lines[1:]]
+    cached = read_failures(path, meta, rank)
+    if cached is not None:
+        return cached
     mine = loop.my_share(list(range(len(train))), rank, size)
     seeds = [mix_seed(args.seed, FAILURE_SET_TAG, i) for i in mine]  # by query, not by rank
     turns = rollout.attempt(model, tok, args.task, [train[i] for i in mine], Gen(args.max_new_tokens,
@@ -146,6 +180,26 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int) -
         tmp.write_text("\n".join(json.dumps(r) for r in [meta] + rows) + "\n")
         os.replace(tmp, path)
     return rows
+
+
+def read_failures(path, meta: dict, rank: int) -> list[dict] | None:
+    """The cached failure set if it was made with meta, else None. It is a cache: a damaged one (a kill
+    mid-write on another filesystem, an edit) is rebuilt, with a line saying so."""
+    if not path.exists():
+        return None
+    try:
+        lines = path.read_text().splitlines()
+        if json.loads(lines[0]) != meta:
+            return None
+        rows = [json.loads(line) for line in lines[1:]]
+        if all(isinstance(r, dict) and isinstance(r.get("example"), dict) and isinstance(r.get("attempt"), str)
+               for r in rows):
+            return rows
+    except (ValueError, IndexError, OSError):
+        pass
+    if rank == 0:
+        print(f"{path}: damaged cache of the failure set; rebuilding it")
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- one step
@@ -211,9 +265,13 @@ def main(argv=None):
     # The data first: a bad --source fails in a second, not after loading the model.
     train = tasks.load_examples(args.task, "train", source=args.source, n=args.train_size, seed=args.seed)
     test = tasks.load_examples(args.task, "test", source=args.source, n=args.eval_size, seed=args.seed)
+    if not train:
+        raise cli.UsageError(f"no training examples for {args.task} from {args.source or 'the default source'}")
     if int(os.environ.get("RANK", "0")) == 0:
         print(header(args))
     model, tok, optimizer, state, rank, size = loop.setup(args)
+    train = loop.fit_context(model, tok, args, train, "train")
+    test = loop.fit_context(model, tok, args, test, "eval", mode="score" if args.method == "score" else "r3")
     if args.method in ("score", "rerest"):
         (score if args.method == "score" else rerest).train(model, tok, optimizer, args, state, train, test)
     else:

@@ -1,5 +1,6 @@
 """Run train_r3.py with a scripted verifier (a tiny random model never passes a real one), so tests
 in a subprocess (SIGKILL + resume, torchrun) exercise real updates. Correct iff crc32(text) is even."""
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -16,6 +17,33 @@ def scripted_verify(task, text, example):
     return Verdict(ok, None if ok else "scripted", "scripted verdict")
 
 
+def kill_at(point: str, step: int):
+    """SIGKILL this process at an exact code point of step's checkpoint (R3_KILL_AT=point:step):
+    "before-save" (its metrics line written, its checkpoint not), "in-save" (the files written, not yet
+    published) or "pointer" (published, the `latest` pointer not yet swapped)."""
+    import os
+    import signal
+    import rl
+    save, replace = rl.save_checkpoint, os.replace
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
+
+    def save_checkpoint(run_dir, model, optimizer, state, **kw):
+        if state["step"] == step and point == "before-save":
+            die()
+        return save(run_dir, model, optimizer, state, **kw)
+
+    def os_replace(src, dst):
+        name = Path(src).name
+        if (point == "in-save" and name == f".tmp-ckpt-{step:06d}") or \
+                (point == "pointer" and name == ".latest.tmp" and Path(src).read_text() == f"ckpt-{step:06d}"):
+            die()
+        return replace(src, dst)
+    rl.save_checkpoint, os.replace = save_checkpoint, os_replace
+
+
 if __name__ == "__main__":
     tasks.verify = scripted_verify
+    if os.environ.get("R3_KILL_AT"):
+        where, at = os.environ["R3_KILL_AT"].split(":")
+        kill_at(where, int(at))
     cli.run(lambda: train_r3.main(sys.argv[1:]))

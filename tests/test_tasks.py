@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import datafiles
 import tasks
 from cli import UsageError
 
@@ -192,7 +193,7 @@ def test_hub_failure_says_to_pass_a_local_file(monkeypatch):
         @staticmethod
         def load_dataset(name, *args, **kwargs):
             raise ConnectionError(f"Couldn't reach '{name}' on the Hub\nmore detail")
-    monkeypatch.setattr(tasks, "_datasets", lambda: OfflineDatasets)
+    monkeypatch.setattr(datafiles, "_datasets", lambda: OfflineDatasets)
     message = _error(source="someone/Countdown-Tasks-3to4")
     assert "someone/Countdown-Tasks-3to4" in message and "Hub" in message and "local" in message
 

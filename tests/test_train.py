@@ -82,14 +82,52 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"resumed from" in r.stdout and f"at step {killed_at}" in r.stdout
     after = (killed / "metrics.jsonl").read_text()
-    assert after.startswith(before)  # nothing written before the kill is lost
-    last = {rec["step"]: rec for rec in read_metrics(killed)}  # a step logged twice: the later line wins
-    assert sorted(last) == [1, 2, 3, 4, 5, 6]
+    kept = "".join(line + "\n" for line in before.splitlines()[:killed_at])
+    assert after.startswith(kept)  # what the checkpoint covers is kept as it was
+    assert [rec["step"] for rec in read_metrics(killed)] == [1, 2, 3, 4, 5, 6]  # each step exactly once
+    last = {rec["step"]: rec for rec in read_metrics(killed)}
     ref = {rec["step"]: rec for rec in read_metrics(straight)}
     for step in range(1, 7):
         assert last[step]["reward"] == ref[step]["reward"], step
     a, b = adapter_weights(killed), adapter_weights(straight)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.fixture(scope="module")
+def straight_5(tiny_model_dir, tmp_path_factory):
+    """An uninterrupted 5-step run (checkpoints at 2, 4 and 5), for the kill tests to equal."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, run, *KILL_FLAGS)], check=True,
+                   capture_output=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    return run
+
+
+KILL_FLAGS = ["--steps", "5", "--save-every", "2", "--eval-every", "0"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.mark.parametrize("point, step", [("before-save", 4), ("in-save", 4), ("before-save", 2)])
+def test_sigkill_at_a_checkpoint_then_resume_logs_each_step_once(point, step, straight_5, tiny_model_dir, tmp_path):
+    """Killed after step's metrics line and before its checkpoint, or inside the save: --resume goes back to
+    the checkpoint before (none, for step 2: a fresh run is refused, --resume starts at step 0), trims the
+    metrics to it, and ends with each step 1..5 logged once and the uninterrupted run's rewards and weights."""
+    run, env = tmp_path / "run", {**os.environ, **ONE_THREAD}
+    r = subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, run, *KILL_FLAGS)],
+                       env={**env, "R3_KILL_AT": f"{point}:{step}"}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
+    assert [rec["step"] for rec in read_metrics(run)] == list(range(1, step + 1))
+    again = subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, run, *KILL_FLAGS)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "--resume" in again.stderr.strip().splitlines()[-1]  # never appends
+    r = subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, run, *KILL_FLAGS, "--resume")], env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got, ref = read_metrics(run), read_metrics(straight_5)
+    assert [rec["step"] for rec in got] == [1, 2, 3, 4, 5]
+    assert [rec["reward"] for rec in got] == [rec["reward"] for rec in ref]
+    a, b = adapter_weights(run), adapter_weights(straight_5)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    assert not list(run.glob(".tmp*")) and rl.latest_checkpoint(run).name == "ckpt-000005"
 
 
 def run_script(argv, env, *, ranks: int = 1, port: int = 29531):
