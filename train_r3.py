@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a check that the whole loop runs, in minutes on a laptop "
-                   f"CPU: sets {QUICK} (flags you give win)")
+                   f"CPU: sets {QUICK} (flags you give win) and a new temporary --out-dir")
     p.add_argument("--wandb", nargs="?", const="r3", default=None, metavar="PROJECT",
                    help="also log the metrics to Weights & Biases (project 'r3' unless named; offline without an API key)")
     p.add_argument("--tensorboard", action="store_true", help="also log the metrics to <out-dir>/tensorboard")
@@ -110,6 +111,9 @@ def parse_args(argv=None):
             setattr(args, name, value)
     args.kl_beta = 0.001 if args.kl_beta is None else args.kl_beta
     args.max_new_tokens = args.max_new_tokens or TASK_TOKENS[args.task]
+    if args.quick and args.out_dir is None and os.environ.get("WORLD_SIZE", "1") == "1":
+        # a throwaway check: a new directory each time, never an old run's (ranks would each make their own)
+        args.out_dir = tempfile.mkdtemp(prefix=f"r3-quick-{args.task}-{args.method}-")
     args.out_dir = Path(args.out_dir or f"runs/{args.task}-{args.method}")
     args.stage1_steps = args.steps // 2 if args.stage1_steps is None else args.stage1_steps
     return args
