@@ -69,7 +69,7 @@ def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list
     t0 = time.perf_counter()
     G = args.group_size
     first = rollout.attempt(model, tok, args.task, examples, Gen(args.max_new_tokens, args.temperature,
-                                                                 seed=step_seed), n=G)
+                                                                 seed=step_seed), n=G, keep=True)
     second = rollout.correct(model, tok, args.task, [ex for ex in examples for _ in range(G)], first,
                              Gen(args.max_new_tokens, args.temperature, seed=step_seed + 1))
     t_sample = time.perf_counter() - t0
