@@ -89,13 +89,13 @@ class Clock:
             self.step, self.in_step = len(self.steps), []
             if self.cuda:
                 self.torch.cuda.reset_peak_memory_stats()
-            t = self.now()
+            t, cpu = self.now(), time.process_time()
             out = fn(*args, **kwargs)
-            dt = self.now() - t
+            dt, cpu = self.now() - t, time.process_time() - cpu
             peak = self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
             inside = sum(r[2] for r in self.records if r[0] == self.step)
             self.records.append((self.step, "other", dt - inside, 0))
-            self.steps.append({"step_s": dt, "peak_gb": peak, "signal": out.get("signal", [])})
+            self.steps.append({"step_s": dt, "cpu_s": cpu, "peak_gb": peak, "signal": out.get("signal", [])})
             self.step = None
             return out
         return train_step
@@ -117,6 +117,7 @@ def summarize(clock: Clock, warmup: int) -> dict:
     peaks = [s["peak_gb"] for s in steps if s["peak_gb"] is not None]
     signal = [x for s in steps for x in s["signal"]]
     return {"phases": rows, "step_s": statistics.median(s["step_s"] for s in steps) if steps else 0.0,
+            "step_cpu_s": statistics.median(s["cpu_s"] for s in steps) if steps else 0.0,
             "peak_gb": max(peaks) if peaks else None, "signal_frac": sum(signal) / len(signal) if signal else None,
             "timed_steps": len(steps)}
 
@@ -183,6 +184,8 @@ def compare(own, train_argv) -> dict:
         a, b = off["phases"][phase]["s"], on["phases"][phase]["s"]
         print(f"| {phase} s | {a:.2f} | {b:.2f} | {a / b:.2f}× |" if b > 0 else f"| {phase} s | {a:.2f} | {b:.2f} | - |")
     print(f"| **step s** | **{off['step_s']:.2f}** | **{on['step_s']:.2f}** | **{off['step_s'] / on['step_s']:.2f}×** |")
+    # CPU seconds (all threads) of the process: less sensitive than wall time to other load on the machine
+    print(f"| step CPU s | {off['step_cpu_s']:.2f} | {on['step_cpu_s']:.2f} | {off['step_cpu_s'] / on['step_cpu_s']:.2f}× |")
     for key, label in (("peak_rss_gb", "peak RSS GiB"), ("peak_gb", "peak GPU memory GiB")):
         if off.get(key) is not None:
             print(f"| {label} | {off[key]:.2f} | {on[key]:.2f} | |")
