@@ -109,9 +109,10 @@ def prefill(model, prompts: list[list[int]], pasts: list[Past | None], pad_token
                          for d, s in zip(done, news)], device=device)
     cache = DynamicCache()
     cache.layer_class_to_replicate = functools.partial(SpareCapacityLayer, spare=spare)
-    if width:
+    if width:  # the cache starts as the pasts
         n_layers = len(next(p for p in pasts if p is not None).keys)
-        cache.layers = [SpareCapacityLayer.from_pasts(pasts, i, width, new_width + spare, spare) for i in range(n_layers)]
+        cache.layers = [SpareCapacityLayer.from_pasts(pasts, i, width, new_width + spare, spare)
+                        for i in range(n_layers)]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)[:, width:],
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return cache, mask, logits
