@@ -143,6 +143,7 @@ def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_
     if method == "score":
         return rollout.correct(model, tok, task, examples, first, answer_gen), [None] * len(first)
     failed = [i for i, t in enumerate(first) if not t.verdict.correct]
+    rollout.take_pasts([t for t in first if t.verdict.correct])  # a passed try is not continued
     episodes = rollout.reflect_and_retry(model, tok, task, [examples[i] for i in failed],
                                          [first[i] for i in failed], reflect_gen, retry_gen)
     second, reflections = list(first), [None] * len(first)
@@ -170,7 +171,7 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
         answer = Gen(config["max_new_tokens"], temp, seed=seed, batch_size=batch_size)
         reflect = Gen(config["reflect_tokens"], temp, seed=seed + 1, batch_size=batch_size)
         retry = Gen(config["max_new_tokens"], temp, seed=seed + 2, batch_size=batch_size)
-        first = rollout.attempt(model, tok, config["task"], chunk, answer)
+        first = rollout.attempt(model, tok, config["task"], chunk, answer, keep=True)  # the second try continues it
         second, reflections = second_tries(model, tok, config["task"], chunk, first, config["method"],
                                            answer, reflect, retry)
         seconds = (time.perf_counter() - t0) / len(chunk)

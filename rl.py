@@ -81,23 +81,33 @@ def reference_logprobs(model, input_ids, attention_mask, n_completion: int, temp
 def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, temperature: float = 1.0):
     """completion_logprobs(pad_batch(samples)) computed with each distinct prompt run once: its keys and
     values are copied to every completion that follows it (a GRPO or R3 group shares one prompt), with
-    gradient through both. Same numbers; for a group of G, about G times less prompt compute and memory.
-    Returns (log-probs [B, C], completion mask [B, C])."""
+    gradient through both. The distinct prompts' longest common prefix (a system prompt, few-shot
+    examples) is run once too, at batch 1, and broadcast to them. Same numbers; for a group of G, about
+    G times less prompt compute and memory. Returns (log-probs [B, C], completion mask [B, C])."""
     if getattr(model, "is_gradient_checkpointing", False):  # no cache under checkpointing: the plain way
         ids, attn, comp = pad_batch(samples, pad_id, device)
         return completion_logprobs(model, ids, attn, comp.shape[1], temperature), comp
+    import os
     from transformers import DynamicCache
     prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
     which = torch.tensor([prompts.index(tuple(s.prompt_ids)) for s in samples], device=device)
-    P, C = max(map(len, prompts)), max(len(s.completion_ids) for s in samples)
+    C = max(len(s.completion_ids) for s in samples)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
-    p_ids = t([[pad_id] * (P - len(p)) + list(p) for p in prompts])
-    p_mask = t([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    cache = DynamicCache()
+    # the common prefix, leaving each prompt one token of its own (its logits predict the first completion token)
+    L = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+    if L:
+        model(input_ids=t([prompts[0][:L]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+        for layer in cache.layers:  # a view per prompt, no copy: the next forward concatenates onto it
+            layer.keys, layer.values = (x.expand(len(prompts), -1, -1, -1) for x in (layer.keys, layer.values))
+    suffixes = [p[L:] for p in prompts]
+    S = max(map(len, suffixes))
+    s_ids = t([[pad_id] * (S - len(p)) + list(p) for p in suffixes])
+    p_mask = t([[1] * L + [0] * (S - len(p)) + [1] * len(p) for p in suffixes])
     c_ids = t([s.completion_ids + [pad_id] * (C - len(s.completion_ids)) for s in samples])
     c_mask = t([[1] * len(s.completion_ids) + [0] * (C - len(s.completion_ids)) for s in samples])
-    cache = DynamicCache()
     # the prompts: keys/values for the cache, and the logits at each prompt's last token (-> first completion token)
-    first = model(input_ids=p_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0),
+    first = model(input_ids=s_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0)[:, L:],
                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     cache.batch_select_indices(which)  # one copy of its prompt's cache per completion (a differentiable gather)
     mask = torch.cat([p_mask[which], c_mask], 1)

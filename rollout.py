@@ -7,29 +7,22 @@ decoded text (the verifier judges the text).
 from dataclasses import dataclass, field, replace
 
 import tasks
-from sample import generate
+from sample import child_seed, generate
+
+# KV reuse: prompts' common prefix prefilled once, and a conversation's next turn continuing the cache
+# of its previous one. False: every turn prefilled from scratch (benchmarks compare the two).
+REUSE = True
 
 
 @dataclass
 class Gen:
-    """How to sample one phase: length, temperature and nucleus; seed makes a step reproducible."""
+    """How to sample one phase: length, temperature and nucleus; seed makes a step reproducible:
+    one per conversation (a list), or an int s (conversation k gets s + k), or None."""
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
-    seed: int | list[int] | None = None  # a list: one seed per conversation; an int s: s + k for the k-th
+    seed: int | list[int] | None = None
     batch_size: int = 16  # prompts per sampler call, bounds memory in long evals
-
-
-def conversation_seeds(gen: Gen, count: int) -> list[int] | None:
-    """The seed of each of count conversations (see Gen.seed)."""
-    if gen.seed is None:
-        return None
-    return [gen.seed + k for k in range(count)] if isinstance(gen.seed, int) else list(gen.seed)
-
-
-def per_sample(seeds: list[int] | None, n: int) -> list[int] | None:
-    """Seeds for the n conversations that continue each of the given ones (sample j of seed s)."""
-    return None if seeds is None else [(s * 1_000_003 + 7919 * (j + 1)) % (1 << 63) for s in seeds for j in range(n)]
 
 
 @dataclass
@@ -40,6 +33,7 @@ class Turn:
     ids: list[int]
     text: str
     verdict: object = None   # verifiers.Verdict, for attempts/retries; None for reflections
+    past: object = field(default=None, repr=False)  # its sample.Past when kept for a next turn; taken by it
 
 
 @dataclass
@@ -62,21 +56,43 @@ def then(messages: list[dict], reply: str, instruction: str) -> list[dict]:
     return messages + [{"role": "assistant", "content": reply}, {"role": "user", "content": instruction}]
 
 
-def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int = 1) -> list[Turn]:
-    """n sampled replies to each conversation, prompt-major, in chunks of gen.batch_size prompts."""
+def take_pasts(turns: list[Turn]) -> list:
+    """The turns' kept caches, removed from them (a cache is continued once, then freed)."""
+    pasts = [t.past for t in turns]
+    for t in turns:
+        t.past = None
+    return pasts
+
+
+def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int = 1, pasts: list | None = None,
+                 keep: bool = False) -> list[Turn]:
+    """n sampled replies to each conversation, prompt-major, in chunks of gen.batch_size prompts.
+    pasts[k]: the kept cache of conversation k's previous turn (take_pasts), continued where the
+    conversation's tokens extend it (else, e.g. when the template re-tokenizes a reply differently,
+    that row is prefilled from scratch: prompt_ids are always the tokens the model conditioned on).
+    keep: each turn keeps its cache (turn.past) for a next turn."""
     from model import stop_token_ids
     stops = stop_token_ids(tok)
     prompts = [chat_ids(tok, c) for c in conversations]
-    seeds = conversation_seeds(gen, len(prompts))
+    seeds = gen.seed if gen.seed is None or isinstance(gen.seed, list) else \
+        [gen.seed + k for k in range(len(prompts))]
+    assert seeds is None or len(seeds) == len(prompts), "one seed per conversation"
+    pasts = list(pasts) if pasts is not None and REUSE else [None] * len(prompts)
     turns = []
     for start in range(0, len(prompts), gen.batch_size):
-        chunk = prompts[start:start + gen.batch_size]
-        seed = None if seeds is None else seeds[start:start + gen.batch_size]
+        end = start + gen.batch_size
+        chunk = prompts[start:end]
+        past = [p if p is not None and len(q) > len(p.ids) and q[:len(p.ids)] == p.ids else None
+                for p, q in zip(pasts[start:end], chunk)]
+        pasts[start:end] = [None] * len(chunk)  # freed as soon as they are in this chunk's batch
         outs = generate(model, chunk, n=n, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
-                        top_p=gen.top_p, stop_token_ids=stops, seed=seed, pad_token_id=tok.pad_token_id)
-        for i, ids in enumerate(outs):
+                        top_p=gen.top_p, stop_token_ids=stops, seed=None if seeds is None else seeds[start:end],
+                        pad_token_id=tok.pad_token_id, past=past if any(past) else None, share_prefix=REUSE,
+                        keep=keep and REUSE)
+        outs, kept = outs if keep and REUSE else (outs, [None] * len(outs))
+        for i, (ids, p) in enumerate(zip(outs, kept)):
             j = start + i // n
-            turns.append(Turn(conversations[j], prompts[j], ids, tok.decode(ids, skip_special_tokens=True)))
+            turns.append(Turn(conversations[j], prompts[j], ids, tok.decode(ids, skip_special_tokens=True), past=p))
     return turns
 
 
@@ -86,30 +102,37 @@ def judge(task: str, turns: list[Turn], examples: list[dict]) -> list[Turn]:
     return turns
 
 
-def attempt(model, tok, task: str, examples: list[dict], gen: Gen, n: int = 1) -> list[Turn]:
-    """First attempts: n per example, prompt-major, each verified."""
-    turns = sample_turns(model, tok, [tasks.first_attempt_messages(task, ex) for ex in examples], gen, n)
+def attempt(model, tok, task: str, examples: list[dict], gen: Gen, n: int = 1, keep: bool = False) -> list[Turn]:
+    """First attempts: n per example, prompt-major, each verified. Seeds per example; the n samples of
+    one are its streams j. keep: each keeps its cache for the next turn (correct, reflect_and_retry)."""
+    turns = sample_turns(model, tok, [tasks.first_attempt_messages(task, ex) for ex in examples], gen, n, keep=keep)
     return judge(task, turns, [ex for ex in examples for _ in range(n)])
 
 
 def reflect_and_retry(model, tok, task: str, examples: list[dict], attempts: list[Turn], reflect_gen: Gen,
                       retry_gen: Gen, n_reflections: int = 1) -> list[Episode]:
-    """R3 steps 2-3: after each failed attempt, n reflections, and after each reflection one retry."""
-    convs = [then(a.messages, a.text, tasks.reflect_instruction(task)) for a in attempts]
-    reflections = sample_turns(model, tok, convs, reflect_gen, n_reflections)
-    retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task)) for r in reflections]
-    retry_gen = replace(retry_gen, seed=per_sample(conversation_seeds(retry_gen, len(convs)), n_reflections))
-    retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen),
-                    [ex for ex in examples for _ in range(n_reflections)])
+    """R3 steps 2-3: after each failed attempt, n reflections, and after each reflection one retry.
+    Each continues the cache of the turn before it, where kept (attempt(keep=True)).
+    Seeds as lists, one per attempt: attempt i's reflections are reflect_gen.seed[i]'s streams
+    j = 0..n-1; the retry after reflection j gets the seed child_seed(retry_gen.seed[i], j)."""
     G = n_reflections
+    convs = [then(a.messages, a.text, tasks.reflect_instruction(task)) for a in attempts]
+    reflections = sample_turns(model, tok, convs, reflect_gen, G, take_pasts(attempts), keep=True)
+    retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task)) for r in reflections]
+    if isinstance(retry_gen.seed, list):
+        retry_gen = replace(retry_gen, seed=[child_seed(s, j) for s in retry_gen.seed for j in range(G)])
+    retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen, 1, take_pasts(reflections)),
+                    [ex for ex in examples for _ in range(G)])
     return [Episode(ex, a, reflections[i * G:(i + 1) * G], retries[i * G:(i + 1) * G])
             for i, (ex, a) in enumerate(zip(examples, attempts))]
 
 
 def correct(model, tok, task: str, examples: list[dict], attempts: list[Turn], gen: Gen, n: int = 1) -> list[Turn]:
-    """SCoRe's second attempt: the fixed correction instruction, no external feedback."""
+    """SCoRe's second attempt: the fixed correction instruction, no external feedback; continues each
+    attempt's kept cache. Seeds per attempt; its n samples are its streams j."""
     convs = [then(a.messages, a.text, tasks.correction_instruction(task)) for a in attempts]
-    return judge(task, sample_turns(model, tok, convs, gen, n), [ex for ex in examples for _ in range(n)])
+    return judge(task, sample_turns(model, tok, convs, gen, n, take_pasts(attempts)),
+                 [ex for ex in examples for _ in range(n)])
 
 
 def two_tries(model, tok, task: str, examples: list[dict], gen: Gen, mode: str = "r3",
@@ -117,10 +140,11 @@ def two_tries(model, tok, task: str, examples: list[dict], gen: Gen, mode: str =
     """The papers' evaluation: a first try on every example, then a second try.
     r3: a failed first try is followed by a reflection and a retry; a passed one stands.
     score: the correction instruction on every example, with no feedback."""
-    first = attempt(model, tok, task, examples, gen)
+    first = attempt(model, tok, task, examples, gen, keep=True)
     if mode == "score":
         return first, correct(model, tok, task, examples, first, gen)
     failed = [i for i, t in enumerate(first) if not t.verdict.correct]
+    take_pasts([t for t in first if t.verdict.correct])  # a passed try is not continued
     episodes = reflect_and_retry(model, tok, task, [examples[i] for i in failed], [first[i] for i in failed],
                                  reflect_gen or gen, gen)
     second = list(first)

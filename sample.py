@@ -1,19 +1,42 @@
 """A minimal sampler: the model's forward pass in a loop, with a KV cache.
 
-Why not `model.generate`? Group sampling. GRPO and R3 draw n completions of the same prompt; generate
-prefills the prompt n times, we prefill it once and copy its cache n ways. Finished rows are dropped
-from the batch, so a long straggler does not keep paying for the short ones.
+Why not `model.generate`? It redoes work that our rollouts share:
+  - a group: n completions of one prompt prefill it once, and its cache is copied n ways;
+  - a common prefix: every Countdown prompt opens with the same system prompt and solved examples
+    (~280 of its ~313 tokens); the batch's longest common prefix is prefilled once, at batch 1;
+  - the next turn: a finished row can keep its cache (a `Past`), and the conversation's next turn
+    (reflection -> retry, attempt -> correction) prefills only the tokens added since.
+Finished rows are dropped from the batch, so a long straggler does not keep paying for the short ones.
+
+The batch's cache, one row per sequence, one column per slot:
+
+    [ past: left-padded | new prompt tokens: left-padded | sampled tokens ... ]
+
+Pad slots are masked out and position ids count a row's real tokens only, so every row attends to
+exactly the keys, at exactly the positions, it would have alone (tests/test_sample.py checks the
+tokens against HF generate).
 
     python sample.py --prompt "Write a haiku about the sea." --chat --n 2
 """
 import argparse
 import functools
+import hashlib
+import os
+import random
+from dataclasses import dataclass
 
 import torch
-
-import cli
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+
+@dataclass
+class Past:
+    """The keys and values of one sequence, `ids`, per layer ([1, kv heads, len(ids), head dim] each):
+    what a later call needs to go on from the end of `ids` without running them again."""
+    ids: list[int]
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
 
 
 class SpareCapacityLayer(DynamicLayer):
@@ -56,66 +79,130 @@ class SpareCapacityLayer(DynamicLayer):
         self.k_buf, self.v_buf = self.k_buf[indices], self.v_buf[indices]
         self._views()
 
+    @classmethod
+    def from_pasts(cls, pasts: list[Past | None], layer: int, width: int, room: int, spare: int):
+        """Layer `layer` of a batch whose row i starts as pasts[i], right-aligned at column `width`
+        (the zeros left of a shorter past are pad slots), with `room` free columns after."""
+        ref = next(p for p in pasts if p is not None).keys[layer]
+        self = cls(spare)
+        self.lazy_initialization(ref, ref)
+        shape = (len(pasts), ref.shape[1], width + room, ref.shape[3])
+        self.k_buf, self.v_buf, self.length = ref.new_zeros(shape), ref.new_zeros(shape), width
+        for i, p in enumerate(pasts):  # one copy per row: each row writes its own tokens after it
+            if p is not None:
+                self.k_buf[i, :, width - len(p.ids):width] = p.keys[layer][0]
+                self.v_buf[i, :, width - len(p.ids):width] = p.values[layer][0]
+        self._views()
+        return self
+
+
+def prefill(model, prompts: list[list[int]], pasts: list[Past | None], pad_token_id: int, spare: int):
+    """Run each prompt's tokens after its past (all of them where the past is None), the new tokens
+    left-padded to a common width. Returns (cache, attention mask, logits at each prompt's end)."""
+    device = next(model.parameters()).device
+    done = [len(p.ids) if p is not None else 0 for p in pasts]
+    news = [list(prompt[d:]) for prompt, d in zip(prompts, done)]
+    assert all(news) and all(p is None or list(q[:len(p.ids)]) == p.ids for p, q in zip(pasts, prompts))
+    width, new_width = max(done), max(map(len, news))
+    ids = torch.tensor([[pad_token_id] * (new_width - len(s)) + s for s in news], device=device)
+    mask = torch.tensor([[0] * (width - d) + [1] * d + [0] * (new_width - len(s)) + [1] * len(s)
+                         for d, s in zip(done, news)], device=device)
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = functools.partial(SpareCapacityLayer, spare=spare)
+    if width:  # the cache starts as the pasts
+        n_layers = len(next(p for p in pasts if p is not None).keys)
+        cache.layers = [SpareCapacityLayer.from_pasts(pasts, i, width, new_width + spare, spare)
+                        for i in range(n_layers)]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)[:, width:],
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return cache, mask, logits
+
+
+def row_past(cache, mask_row: torch.Tensor, row: int, ids: list[int]) -> Past:
+    """Batch row `row`'s cache as a Past of `ids`: its real slots only (pads dropped), copied out."""
+    real = mask_row.nonzero().squeeze(1)
+    assert len(real) == len(ids), "the row's real slots are its ids"
+    return Past(list(ids), [layer.keys[row:row + 1, :, real] for layer in cache.layers],
+                [layer.values[row:row + 1, :, real] for layer in cache.layers])
+
+
+def child_seed(seed: int, j: int) -> int:
+    """The seed of stream j under `seed` (sample j of a prompt, retry j of an attempt): a hash, so
+    that nearby seeds and indices give unrelated streams."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest(), "little")
+
 
 @torch.inference_mode()
 def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
-             top_p: float = 1.0, stop_token_ids=(), seed: int | None = None, pad_token_id: int = 0,
-             ignore_stop: bool = False) -> list[list[int]]:
+             top_p: float = 1.0, stop_token_ids=(), seed: int | list[int] | None = None, pad_token_id: int = 0,
+             ignore_stop: bool = False, past: list[Past | None] | None = None, share_prefix: bool = True,
+             keep: bool = False):
     """Sample n completions of each prompt (lists of token ids, any lengths).
 
     Returns, prompt-major (the n samples of prompt 0, then of prompt 1, ...), each completion's token
     ids up to and including its first stop token, or max_new_tokens ids. temperature 0 is greedy.
     ignore_stop=True generates exactly max_new_tokens (benchmarks with a fixed length).
-    seed: one per prompt (a list), or an int s meaning s + i for prompt i. Every output row draws from
-    its own generator, so a row's tokens do not depend on which other rows share the batch.
+
+    seed: one per prompt, or an int s (prompt i gets s + i), or None (torch's global generator).
+      Sample j of prompt i draws from its own stream, random.Random(child_seed(seed_i, j)), so its
+      tokens do not depend on which other rows share the batch (up to float rounding).
+    past: per prompt, None or a Past whose ids the prompt starts with (a previous turn, kept with
+      keep=True); only the prompt's tokens after it are run.
+    share_prefix: without a past, prefill the prompts' longest common prefix once, at batch 1.
+    keep: return (completions, pasts), pasts[k] being completion k's Past: its prompt and its tokens
+      but the last (sampled, never fed), ready for the conversation's next turn. Otherwise finished
+      rows' caches are freed as they finish.
     """
     device = next(model.parameters()).device
-    generators = row_generators(seed, len(prompts), n, device)
+    if past is None:
+        past = [None] * len(prompts)
+        # The common prefix, leaving every prompt one token of its own (its logits start the sampling).
+        shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+        if share_prefix and len(prompts) > 1 and shared > 0:
+            cache, mask, _ = prefill(model, [prompts[0][:shared]], [None], pad_token_id, 0)
+            past = [row_past(cache, mask[0], 0, prompts[0][:shared])] * len(prompts)
+    cache, mask, logits = prefill(model, prompts, past, pad_token_id, max_new_tokens)
 
-    # Prefill each prompt once, left-padded to a common length; position ids count real tokens only.
-    width = max(len(p) for p in prompts)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    cache = DynamicCache()
-    cache.layer_class_to_replicate = functools.partial(SpareCapacityLayer, spare=max_new_tokens)
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions(mask),
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
-
-    # Then share that prefill among the n samples: repeat the cache, not the work.
+    # Then share each prompt's prefill among its n samples: repeat the cache, not the work.
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
     rows = torch.arange(len(prompts) * n, device=device)  # which output each live batch row feeds
     outputs: list[list[int]] = [[] for _ in range(len(rows))]
+    kept: list[Past | None] = [None] * len(rows)
     stops = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
+    if seed is not None:
+        seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
+        assert len(seeds) == len(prompts), "one seed per prompt"
+        streams = [random.Random(child_seed(s, j)) for s in seeds for j in range(n)]
 
     for step in range(max_new_tokens):
-        next_tokens = pick(logits, temperature, top_p, generators and [generators[r] for r in rows.tolist()])
+        u = None
+        if temperature != 0:  # one uniform per live row, from the row's own stream
+            u = (torch.rand(len(rows), dtype=torch.float64) if seed is None else
+                 torch.tensor([streams[r].random() for r in rows.tolist()], dtype=torch.float64))
+        next_tokens = pick(logits, temperature, top_p, u)
         for row, tok in zip(rows.tolist(), next_tokens.tolist()):
             outputs[row].append(tok)
+        finished = torch.zeros_like(next_tokens, dtype=torch.bool)
         if step == max_new_tokens - 1:
+            finished[:] = True
+        elif not ignore_stop and len(stops):
+            finished = torch.isin(next_tokens, stops)
+        if keep:  # the finished rows' caches, before they leave the batch
+            for k in finished.nonzero().squeeze(1).tolist():
+                r = rows[k].item()
+                kept[r] = row_past(cache, mask[k], k, list(prompts[r // n]) + outputs[r][:-1])
+        if finished.all():
             break
-        alive = torch.ones_like(next_tokens, dtype=torch.bool)
-        if not ignore_stop and len(stops):
-            alive = ~torch.isin(next_tokens, stops)
-        if not alive.all():  # drop finished rows from every tensor and from the cache
-            if not alive.any():
-                break
-            keep = alive.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, mask, next_tokens = rows[keep], mask[keep], next_tokens[keep]
+        if finished.any():  # drop finished rows from every tensor and from the cache
+            alive = (~finished).nonzero().squeeze(1)
+            cache.batch_select_indices(alive)
+            rows, mask, next_tokens = rows[alive], mask[alive], next_tokens[alive]
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
         logits = model(input_ids=next_tokens[:, None], attention_mask=mask,
                        position_ids=mask.sum(1, keepdim=True) - 1, past_key_values=cache, use_cache=True).logits[:, -1]
-    return outputs
-
-
-def row_generators(seed, n_prompts: int, n: int, device) -> list | None:
-    """One torch.Generator per output row (prompt i, sample j), seeded from the prompt's seed and j."""
-    if seed is None:
-        return None
-    seeds = [seed + i for i in range(n_prompts)] if isinstance(seed, int) else list(seed)
-    return [torch.Generator(device=device).manual_seed((s * 1_000_003 + j) % (1 << 63)) for s in seeds for j in range(n)]
+    return (outputs, kept) if keep else outputs
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -123,9 +210,9 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(1) - 1).clamp(min=0).masked_fill(mask == 0, 1)
 
 
-def pick(logits: torch.Tensor, temperature: float, top_p: float, generators=None) -> torch.Tensor:
+def pick(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None) -> torch.Tensor:
     """Next token per row: argmax at temperature 0, else a draw from the (nucleus-truncated) softmax,
-    row i's uniform from generators[i] (or the global RNG when there are none)."""
+    u being one uniform in [0, 1) per row."""
     if temperature == 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)
@@ -138,23 +225,8 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, generators=None
     # Inverse-CDF draw: one uniform per row. torch.multinomial draws an exponential per vocabulary
     # entry, which was 15% of a SmolLM2 decode step on a 2-core CPU.
     cdf = probs.double().cumsum(-1)
-    if generators:
-        u = torch.cat([torch.rand(1, generator=g, device=probs.device, dtype=torch.float64) for g in generators])
-    else:
-        u = torch.rand(len(probs), device=probs.device, dtype=torch.float64)
-    u = u[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
-
-
-def validate(args):
-    """Flags that would crash the sampler or print nothing: one line before the model loads."""
-    import cli
-    if not args.prompt.strip():
-        raise cli.UsageError("--prompt is empty")
-    cli.check_flags([("--n", args.n, args.n >= 1, "at least 1"),
-                     ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
-                     ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
-                     ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")])
+    target = u.to(probs.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
 def main():
@@ -164,15 +236,13 @@ def main():
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, Hub id, local dir or .gguf file")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (e.g. runs/x/latest/adapter)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--n", type=int, default=1, help="completions to sample (at least 1)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="at least 1; with the prompt, at most the "
-                   "model's context")
-    p.add_argument("--temperature", type=float, default=0.8, help=">= 0 (0: greedy)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, in (0, 1]")
+    p.add_argument("--n", type=int, default=1, help="completions to sample")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="load NF4 4-bit weights")
     p.add_argument("--seed", type=int, default=None)
     args = p.parse_args()
-    validate(args)
     model, tok = load_model(args.model, adapter=args.adapter, load_in_4bit=args.load_in_4bit)
     model.eval()
     if args.chat:
@@ -180,11 +250,6 @@ def main():
                                       tokenize=True, return_dict=False)
     else:
         ids = tok(args.prompt)["input_ids"]
-    context = getattr(model.config, "max_position_embeddings", None)
-    if context and len(ids) + args.max_new_tokens > context:
-        import cli
-        raise cli.UsageError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} exceed "
-                             f"the model's context of {context} tokens")
     outs = generate(model, [list(ids)], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, stop_token_ids=stop_token_ids(tok), seed=args.seed,
                     pad_token_id=tok.pad_token_id)
@@ -193,4 +258,5 @@ def main():
 
 
 if __name__ == "__main__":
+    import cli
     cli.run(main)

@@ -29,7 +29,8 @@ import loop
 import rl
 import rollout
 from loop import mix_seed
-from rollout import Gen, per_sample
+from rollout import Gen
+from sample import child_seed
 
 
 # ---------------------------------------------------------------------------------------------- the rewards
@@ -76,9 +77,10 @@ def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list
     t0 = time.perf_counter()
     G = args.group_size
     first = rollout.attempt(model, tok, args.task, examples, Gen(args.max_new_tokens, args.temperature,
-                                                                 seed=seeds), n=G)
+                                                                 seed=seeds), n=G, keep=True)
     second = rollout.correct(model, tok, args.task, [ex for ex in examples for _ in range(G)], first,
-                             Gen(args.max_new_tokens, args.temperature, seed=per_sample([mix_seed(s, 1) for s in seeds], G)))
+                             Gen(args.max_new_tokens, args.temperature,
+                                 seed=[child_seed(mix_seed(s, 1), j) for s in seeds for j in range(G)]))
     t_sample = time.perf_counter() - t0
     c1 = [float(t.verdict.correct) for t in first]
     c2 = [float(t.verdict.correct) for t in second]

@@ -85,7 +85,7 @@ def sync(fn, *args):
 def r3_step(model_dir, four_bit: bool, a) -> dict:
     """bench/r3_step_bench.py in its own process; its JSON result."""
     cmd = [sys.executable, os.path.join(HERE, "r3_step_bench.py"), "--json", "--steps", str(a.steps),
-           "--warmup", str(a.warmup), "--rewards", "random"] + (["--4bit"] if four_bit else []) + \
+           "--warmup", str(a.warmup), "--rewards", "random", "--reuse", "on"] + (["--4bit"] if four_bit else []) + \
           ["--", "--model", str(model_dir), "--group-size", str(a.group_size), *a.train_args]
     print("  $ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,6 +1,7 @@
-"""Where an R3 step's time goes: first attempts (the failure set), reflections, retries, the update.
+"""Where an R3 step's time goes: first attempts (the failure set), reflections, retries, the update;
+and what KV reuse (rollout.REUSE) saves.
 
-    python bench/r3_step_bench.py [--steps 3] [--warmup 1] [--rewards random] [-- <train_r3.py flags>]
+    python bench/r3_step_bench.py [--steps 3] [--warmup 1] [--rewards random] [--reuse both] [-- <train_r3.py flags>]
     python bench/r3_step_bench.py --model-config qwen2.5-1.5b --random-weights [--4bit]   # on a GPU
 
 It runs train_r3.main itself (R3, the CPU defaults of train_r3.py unless flags after `--` say
@@ -14,14 +15,21 @@ their own phase. Per-step phases: the median of the timed steps (after --warmup 
 group carries signal and every step runs the update (the cost measured is the full step's); with
 --rewards verifier, groups without signal are skipped, as in training. Tokens: sampled tokens for the
 sampling phases, trained (reflection) tokens for the update. --json prints one JSON line as well.
+
+--reuse both (the default) runs the bench twice, each in its own process so that its peak memory is its
+own: KV reuse off, then on (rollout.REUSE), with the same seeds and the same failed queries (the second
+run samples its first attempts too, timed, then takes the first run's failure set), and prints the two
+side by side with the line "R3 step speed-up from KV reuse: X.XX×". --reuse on / off: one run.
 """
 import argparse
 import functools
 import json
 import os
 import random
+import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -81,13 +89,13 @@ class Clock:
             self.step, self.in_step = len(self.steps), []
             if self.cuda:
                 self.torch.cuda.reset_peak_memory_stats()
-            t = self.now()
+            t, cpu = self.now(), time.process_time()
             out = fn(*args, **kwargs)
-            dt = self.now() - t
+            dt, cpu = self.now() - t, time.process_time() - cpu
             peak = self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
             inside = sum(r[2] for r in self.records if r[0] == self.step)
             self.records.append((self.step, "other", dt - inside, 0))
-            self.steps.append({"step_s": dt, "peak_gb": peak, "signal": out.get("signal", [])})
+            self.steps.append({"step_s": dt, "cpu_s": cpu, "peak_gb": peak, "signal": out.get("signal", [])})
             self.step = None
             return out
         return train_step
@@ -109,6 +117,7 @@ def summarize(clock: Clock, warmup: int) -> dict:
     peaks = [s["peak_gb"] for s in steps if s["peak_gb"] is not None]
     signal = [x for s in steps for x in s["signal"]]
     return {"phases": rows, "step_s": statistics.median(s["step_s"] for s in steps) if steps else 0.0,
+            "step_cpu_s": statistics.median(s["cpu_s"] for s in steps) if steps else 0.0,
             "peak_gb": max(peaks) if peaks else None, "signal_frac": sum(signal) / len(signal) if signal else None,
             "timed_steps": len(steps)}
 
@@ -136,6 +145,10 @@ def parse(argv=None):
     p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="NF4 base weights + LoRA (QLoRA)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for --model-config (default: embedded)")
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
+    p.add_argument("--reuse", default="both", choices=["both", "on", "off"],
+                   help="KV reuse in the rollouts: both = off, then on, each in its own process")
+    p.add_argument("--queries", default=None, help="(internal) a file sharing the failed queries between runs")
+    p.add_argument("--result", default=None, help="(internal) write the result as JSON to this file")
     own, rest = p.parse_known_args(argv)
     if rest and rest[0] == "--":
         rest = rest[1:]
@@ -144,8 +157,49 @@ def parse(argv=None):
     return own, rest
 
 
+def compare(own, train_argv) -> dict:
+    """--reuse both: one run with KV reuse off, one with it on, each in its own process."""
+    work = tempfile.mkdtemp(prefix="r3-reuse-bench-")
+    results = {}
+    try:
+        for mode in ("off", "on"):
+            out = os.path.join(work, f"{mode}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--reuse", mode, "--steps", str(own.steps),
+                   "--warmup", str(own.warmup), "--rewards", own.rewards, "--queries", os.path.join(work, "queries.json"),
+                   "--result", out] + (["--model-config", own.model_config, "--random-weights"] if own.model_config else []) \
+                + (["--4bit"] if own.load_in_4bit else []) + (["--tokenizer", own.tokenizer] if own.tokenizer else []) \
+                + ["--"] + train_argv
+            print(f"$ {' '.join(cmd)}", flush=True)
+            if subprocess.run(cmd).returncode:
+                raise SystemExit(f"the reuse-{mode} run failed")
+            with open(out) as f:
+                results[mode] = json.load(f)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    off, on = results["off"], results["on"]
+    print("\nKV reuse off vs on: the same seeds and failed queries, each run in its own process\n")
+    print("| | reuse off | reuse on | speed-up |")
+    print("|---|---|---|---|")
+    for phase in PHASES:
+        a, b = off["phases"][phase]["s"], on["phases"][phase]["s"]
+        print(f"| {phase} s | {a:.2f} | {b:.2f} | {a / b:.2f}× |" if b > 0 else f"| {phase} s | {a:.2f} | {b:.2f} | - |")
+    print(f"| **step s** | **{off['step_s']:.2f}** | **{on['step_s']:.2f}** | **{off['step_s'] / on['step_s']:.2f}×** |")
+    # CPU seconds (all threads) of the process: less sensitive than wall time to other load on the machine
+    print(f"| step CPU s | {off['step_cpu_s']:.2f} | {on['step_cpu_s']:.2f} | {off['step_cpu_s'] / on['step_cpu_s']:.2f}× |")
+    for key, label in (("peak_rss_gb", "peak RSS GiB"), ("peak_gb", "peak GPU memory GiB")):
+        if off.get(key) is not None:
+            print(f"| {label} | {off[key]:.2f} | {on[key]:.2f} | |")
+    print(f"\nR3 step speed-up from KV reuse: {off['step_s'] / on['step_s']:.2f}×", flush=True)
+    result = {"off": off, "on": on, "speedup": off["step_s"] / on["step_s"]}
+    if own.json:
+        print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
 def main(argv=None):
     own, train_argv = parse(argv)
+    if own.reuse == "both":
+        return compare(own, train_argv)
     import loop
     import rl
     import rollout
@@ -166,6 +220,19 @@ def main(argv=None):
                                               "--save-every", str(10**9), "--out-dir", os.path.join(work, "run")]
     args = train_r3.parse_args(argv)
 
+    rollout.REUSE = own.reuse == "on"
+    if own.queries:  # the same failed queries in both runs: the second samples (and times) its own, then takes the first's
+        sample_failures = train_r3.failure_dataset
+
+        def failure_dataset(*a, **kw):
+            rows = sample_failures(*a, **kw)
+            if os.path.exists(own.queries):
+                with open(own.queries) as f:
+                    return json.load(f)
+            with open(own.queries, "w") as f:
+                json.dump(rows, f)
+            return rows
+        train_r3.failure_dataset = failure_dataset
     clock = Clock()
     rollout.sample_turns = clock.wrap_sampling(rollout.sample_turns)
     rl.update = clock.wrap_update(rl.update)
@@ -182,14 +249,19 @@ def main(argv=None):
     result = summarize(clock, own.warmup)
     result.update({"config": {k: str(v) for k, v in vars(args).items() if k in (
         "model", "task", "group_size", "batch_size", "micro_batch", "max_new_tokens", "reflect_tokens",
-        "lora_r", "load_in_4bit", "train_size")}, "rewards": own.rewards, "wall_s": wall})
+        "lora_r", "load_in_4bit", "train_size")}, "rewards": own.rewards, "wall_s": wall, "reuse": own.reuse,
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})  # Linux: KiB
     c = result["config"]
     print_table(result, f"R3 step on {own.model_config or c['model']}{' (4-bit + LoRA)' if own.load_in_4bit else ''}: "
                         f"{c['batch_size']} failed queries x {c['group_size']} reflections, reflections "
                         f"<= {c['reflect_tokens']} tokens, attempts/retries <= {c['max_new_tokens']}, LoRA r="
-                        f"{c['lora_r']}, micro-batch {c['micro_batch']}, rewards {own.rewards}; run {wall:.0f}s")
+                        f"{c['lora_r']}, micro-batch {c['micro_batch']}, rewards {own.rewards}, KV reuse {own.reuse}; "
+                        f"run {wall:.0f}s, peak RSS {result['peak_rss_gb']:.2f} GiB")
     if own.json:
         print("RESULT " + json.dumps(result), flush=True)
+    if own.result:
+        with open(own.result, "w") as f:
+            json.dump(result, f)
     return result
 
 

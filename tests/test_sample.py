@@ -118,10 +118,104 @@ def test_pick_draws_from_the_distribution():
     from sample import pick
     probs = torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0])
     logits = torch.log(probs).expand(20000, -1)
-    draws = pick(logits, 1.0, 1.0, torch.Generator().manual_seed(0))
+    uniforms = lambda seed: torch.rand(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))  # noqa: E731
+    draws = pick(logits, 1.0, 1.0, uniforms(0))
     freq = torch.bincount(draws, minlength=6).float() / len(draws)
     assert freq[[0, 2, 5]].sum() == 0
     assert torch.allclose(freq, probs, atol=0.015)
     # nucleus: top_p=0.6 keeps {1, 3} (0.5 < 0.6, then 0.8 >= 0.6), renormalised to 5/8, 3/8
-    freq_p = torch.bincount(pick(logits, 1.0, 0.6, torch.Generator().manual_seed(1)), minlength=6).float() / 20000
+    freq_p = torch.bincount(pick(logits, 1.0, 0.6, uniforms(1)), minlength=6).float() / 20000
     assert torch.allclose(freq_p, torch.tensor([0, 5 / 8, 0, 3 / 8, 0, 0]), atol=0.015)
+
+
+# ---------------------------------------------------------------------------------------------- reuse
+# A shared prefix prefilled once, and a finished turn's cache continued by the next turn, must give the
+# tokens of a plain prefill (and of HF generate on the whole sequence).
+
+PREFIX = "You are a helpful assistant. Answer briefly and in plain words, like the examples before. "
+
+
+def hf_greedy_ids(m, tok, prompts, max_new_tokens, stop_ids=()):
+    enc = tok.pad({"input_ids": prompts}, return_tensors="pt")
+    out = m.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
+                     eos_token_id=list(stop_ids) or None)
+    rows = out[:, enc["input_ids"].shape[1]:].tolist()
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop_ids), len(row))] for row in rows]
+
+
+def greedy(m, tok, prompts, max_new_tokens, stop_ids=(), **kw):
+    return generate(m, prompts, max_new_tokens=max_new_tokens, temperature=0, stop_token_ids=stop_ids,
+                    pad_token_id=tok.pad_token_id, **kw)
+
+
+def two_turns(m, tok, stop_ids, n_tokens):
+    """Greedy turn 1 on prompts sharing a prefix, its caches kept; turn 2's prompts extend each row's
+    prompt + reply by a different number of tokens. Returns (turn-2 prompts, the kept Pasts)."""
+    prompts = [tok(PREFIX + t)["input_ids"] for t in TEXTS]
+    outs, pasts = greedy(m, tok, prompts, n_tokens, stop_ids, keep=True)
+    assert outs == greedy(m, tok, prompts, n_tokens, stop_ids, share_prefix=False) == \
+        hf_greedy_ids(m, tok, prompts, n_tokens, stop_ids)
+    assert [p.ids for p in pasts] == [p + o[:-1] for p, o in zip(prompts, outs)]
+    follow = [" Thanks.", " Now say it again in other words, please:", "\n", " Why?"]
+    return [p + o + tok(f)["input_ids"] for p, o, f in zip(prompts, outs, follow)], pasts
+
+
+@pytest.mark.parametrize("which", ["tiny", "smol"])
+def test_shared_prefix_and_continuation_match_plain_and_hf(which, request):
+    m, tok = request.getfixturevalue(which)
+    stop = model_lib.stop_token_ids(tok) if which == "smol" else []
+    n_tokens = 12 if which == "smol" else 16
+    turn2, pasts = two_turns(m, tok, stop, n_tokens)
+    reused = greedy(m, tok, turn2, n_tokens, stop, past=pasts)
+    assert reused == greedy(m, tok, turn2, n_tokens, stop, share_prefix=False)
+    assert reused == hf_greedy_ids(m, tok, turn2, n_tokens, stop)
+    # only some rows continued, one of them twice (n = 2), the others prefilled from scratch
+    some = greedy(m, tok, [turn2[2], turn2[0]], n_tokens, stop, past=[pasts[2], None], n=2)
+    assert some == [reused[2], reused[2], reused[0], reused[0]]
+
+
+def test_prefix_prefilled_once_then_suffixes_only(tiny):
+    m, tok = tiny
+    prompts = [tok(PREFIX + t)["input_ids"] for t in TEXTS]
+    shared = len(tok(PREFIX)["input_ids"]) - 1  # the last prefix token may merge with what follows
+    lengths = []
+    hook = m.register_forward_pre_hook(lambda mod, args, kw: lengths.append(tuple(kw["input_ids"].shape)),
+                                       with_kwargs=True)
+    try:
+        greedy(m, tok, prompts, 3)
+    finally:
+        hook.remove()
+    assert lengths[0][0] == 1 and lengths[0][1] >= shared          # the prefix, once, at batch 1
+    assert lengths[1] == (4, max(map(len, prompts)) - lengths[0][1])  # then only each row's own tokens
+
+
+def test_sampled_rows_do_not_depend_on_the_batch(tiny):
+    """Per-row seeded streams: a row's tokens are the same alone, in another batch, or in other chunks."""
+    m, tok = tiny
+    prompts = [tok(PREFIX + t)["input_ids"] for t in TEXTS]
+    seeds = [11, 12, 13, 14]
+    sample = lambda ps, ss, **kw: generate(m, ps, n=3, max_new_tokens=12, temperature=1.0, seed=ss,  # noqa: E731
+                                           pad_token_id=tok.pad_token_id, **kw)
+    batch = sample(prompts, seeds)
+    assert len(set(map(tuple, batch))) > 6  # really random: samples of one prompt differ
+    alone = [x for p, s in zip(prompts, seeds) for x in sample([p], [s])]
+    chunks = sample(prompts[:1], seeds[:1]) + sample(prompts[1:], seeds[1:], share_prefix=False)
+    reordered = sample(prompts[::-1], seeds[::-1])
+    assert batch == alone == chunks
+    assert [reordered[3 * (3 - i) + j] for i in range(4) for j in range(3)] == batch
+    assert sample(prompts, 11) == batch  # an int seed s means seeds s, s + 1, ...
+    assert sample(prompts, [21, 12, 13, 14])[3:] == batch[3:] and sample(prompts, [21, 12, 13, 14])[:3] != batch[:3]
+
+
+def test_keep_returns_each_rows_cache(tiny):
+    """A kept Past holds exactly its ids' keys: continuing from it gives the plain run's next logits."""
+    m, tok = tiny
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    outs, pasts = generate(m, prompts, n=2, max_new_tokens=6, temperature=1.0, seed=3,
+                           pad_token_id=tok.pad_token_id, keep=True)
+    for p, past, o in zip([p for p in prompts for _ in range(2)], pasts, outs):
+        assert past.ids == p + o[:-1]
+        assert all(k.shape[2] == len(past.ids) for k in past.keys + past.values)
+        with torch.no_grad():
+            plain = m(input_ids=torch.tensor([past.ids]), use_cache=True).past_key_values
+        torch.testing.assert_close(past.keys[-1], plain.layers[-1].keys, rtol=1e-4, atol=1e-5)

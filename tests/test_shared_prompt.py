@@ -1,5 +1,7 @@
 """rl.shared_prompt_logprobs (each distinct prompt run once, its cache shared by its group) gives the
 log-probs and LoRA gradients of the plain way: every completion with its own copy of the prompt."""
+import os
+
 import pytest
 import torch
 
@@ -18,9 +20,10 @@ def lora_tiny(tiny_model_dir):
     return m, tok
 
 
-def samples(tok):
-    a, b = tok("Hello, my name is")["input_ids"], tok("The capital of France is a city that has many")["input_ids"]
-    c = tok("1 2 3")["input_ids"]
+def samples(tok, prefix=""):
+    """prefix: a common prefix of every prompt (a system prompt), run once by shared_prompt_logprobs."""
+    a, b = tok(prefix + "Hello, my name is")["input_ids"], tok(prefix + "The capital of France is a city that has many")["input_ids"]
+    c = tok(prefix + "1 2 3")["input_ids"]
     comps = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15], [16, 17, 18, 19], [20], [21, 22, 23]]
     prompts = [a, a, a, b, b, c, a]  # groups, a lone prompt, and a prompt seen again later
     return [rl.Sample(p, x, 0.0) for p, x in zip(prompts, comps)]
@@ -30,10 +33,11 @@ def grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature):
+@pytest.mark.parametrize("temperature, prefix", [(1.0, ""), (0.7, ""), (1.0, "You are a helpful assistant. Be brief. ")])
+def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature, prefix):
     m, tok = lora_tiny
-    batch = samples(tok)
+    batch = samples(tok, prefix)
+    assert bool(prefix) == (len(os.path.commonprefix([s.prompt_ids for s in batch])) > 0)
     ids, attn, comp = rl.pad_batch(batch, tok.pad_token_id, "cpu")
     weights = torch.randn(comp.shape, generator=torch.Generator().manual_seed(3))
 
