@@ -162,30 +162,32 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
     if not path.exists():
         path.write_text(json.dumps({"config": config}) + "\n")
     bar = tqdm(total=len(examples), initial=sum(ex["id"] in done for ex in examples), desc=label, unit="ex")
-    for start in range(0, len(examples), batch_size):
-        chunk = [ex for ex in examples[start:start + batch_size] if ex["id"] not in done]
-        if not chunk:
-            continue
-        t0 = time.perf_counter()
-        seed, temp = config["seed"] * 1_000_003 + start, config["temperature"]
-        answer = Gen(config["max_new_tokens"], temp, seed=seed, batch_size=batch_size)
-        reflect = Gen(config["reflect_tokens"], temp, seed=seed + 1, batch_size=batch_size)
-        retry = Gen(config["max_new_tokens"], temp, seed=seed + 2, batch_size=batch_size)
-        first = rollout.attempt(model, tok, config["task"], chunk, answer, keep=True)  # the second try continues it
-        second, reflections = second_tries(model, tok, config["task"], chunk, first, config["method"],
-                                           answer, reflect, retry)
-        seconds = (time.perf_counter() - t0) / len(chunk)
-        rows = []
-        for ex, a, b, r in zip(chunk, first, second, reflections):
-            new = b is not a
-            rows.append({"id": ex["id"], "t1": turn_record(a), "t2": turn_record(b, new),
-                         "reflection": r and {"tokens": len(r.ids), "text": r.text},
-                         "gen_tokens": len(a.ids) + (len(b.ids) if new else 0) + (len(r.ids) if r else 0),
-                         "seconds": seconds})
-        with open(path, "a") as f:  # one write per chunk: a kill leaves at most one half-written line
-            f.write("".join(json.dumps(row) + "\n" for row in rows))
-        done.update((row["id"], row) for row in rows)
-        bar.update(len(chunk))
+    with rollout.progress(f"{label}: sampling", leave=False):  # a token bar under the example bar
+        for start in range(0, len(examples), batch_size):
+            chunk = [ex for ex in examples[start:start + batch_size] if ex["id"] not in done]
+            if not chunk:
+                continue
+            t0 = time.perf_counter()
+            seed, temp = config["seed"] * 1_000_003 + start, config["temperature"]
+            answer = Gen(config["max_new_tokens"], temp, seed=seed, batch_size=batch_size)
+            reflect = Gen(config["reflect_tokens"], temp, seed=seed + 1, batch_size=batch_size)
+            retry = Gen(config["max_new_tokens"], temp, seed=seed + 2, batch_size=batch_size)
+            # keep=True: the second try continues the first's cache
+            first = rollout.attempt(model, tok, config["task"], chunk, answer, keep=True)
+            second, reflections = second_tries(model, tok, config["task"], chunk, first, config["method"],
+                                               answer, reflect, retry)
+            seconds = (time.perf_counter() - t0) / len(chunk)
+            rows = []
+            for ex, a, b, r in zip(chunk, first, second, reflections):
+                new = b is not a
+                rows.append({"id": ex["id"], "t1": turn_record(a), "t2": turn_record(b, new),
+                             "reflection": r and {"tokens": len(r.ids), "text": r.text},
+                             "gen_tokens": len(a.ids) + (len(b.ids) if new else 0) + (len(r.ids) if r else 0),
+                             "seconds": seconds})
+            with open(path, "a") as f:  # one write per chunk: a kill leaves at most one half-written line
+                f.write("".join(json.dumps(row) + "\n" for row in rows))
+            done.update((row["id"], row) for row in rows)
+            bar.update(len(chunk))
     bar.close()
     return [done[ex["id"]] for ex in examples]
 

@@ -201,8 +201,9 @@ def evaluate(model, tok, args, test: list[dict], rank: int, size: int) -> dict:
     model.eval()
     gen = Gen(args.max_new_tokens, temperature=0)
     mode = "score" if args.method == "score" else "r3"
-    first, second = rollout.two_tries(model, tok, args.task, my_share(test, rank, size), gen, mode,
-                                      Gen(args.reflect_tokens, temperature=0))
+    with rollout.progress(f"eval: two tries on {len(test)} held-out examples", leave=False):
+        first, second = rollout.two_tries(model, tok, args.task, my_share(test, rank, size), gen, mode,
+                                          Gen(args.reflect_tokens, temperature=0))
     model.train()
     t1 = rl.gather([t.verdict.correct for t in first])
     t2 = rl.gather([t.verdict.correct for t in second])
@@ -245,7 +246,8 @@ def train_loop(model, tok, optimizer, args, state: dict, items: list, test: list
     for step in bar:
         idx = batch_at(step, len(items), args.batch_size, args.seed)
         seeds = [mix_seed(args.seed, step, k) for k in range(len(idx))]
-        stats = step_fn(step, my_share([items[i] for i in idx], rank, size), my_share(seeds, rank, size))
+        with rollout.progress(f"step {step + 1}: rollouts", leave=False):
+            stats = step_fn(step, my_share([items[i] for i in idx], rank, size), my_share(seeds, rank, size))
         record = {"step": step + 1, "kind": "train", **describe({k: rl.gather(v) for k, v in stats.items()})}
         if size > 1 and not rl.in_sync(params):
             raise RuntimeError(f"step {step + 1}: the ranks' adapters differ (a data-parallel bug)")

@@ -88,7 +88,8 @@ def reflect(model, tok, args, examples: list[dict], failures: list[tuple[int, Tu
     """One corrected output per failed agent turn (seeds: one per failure), verified:
     [(example index, reflector Turn)]."""
     convs = [reflector_messages(args.task, examples[i], t.text, t.verdict) for i, t in failures]
-    turns = rollout.sample_turns(model, tok, convs, Gen(args.max_new_tokens, args.temperature, seed=seeds))
+    with rollout.progress(f"rerest: reflector corrects {len(convs)} failures"):
+        turns = rollout.sample_turns(model, tok, convs, Gen(args.max_new_tokens, args.temperature, seed=seeds))
     rollout.judge(args.task, turns, [examples[i] for i, _ in failures])
     return [(i, c) for (i, _), c in zip(failures, turns)]
 
@@ -191,8 +192,9 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
     where = loop.my_share(list(range(len(train))), rank, size)  # global index of each of this rank's inputs
     mine = [train[g] for g in where]
     model.train()
-    agent_turns = rollout.attempt(model, tok, args.task, mine, Gen(args.max_new_tokens, args.temperature,
-                                  seed=[mix_seed(seed, g) for g in where]), n=args.k)
+    with rollout.progress(f"rerest: agent samples ({args.k} per input)"):
+        agent_turns = rollout.attempt(model, tok, args.task, mine, Gen(args.max_new_tokens, args.temperature,
+                                      seed=[mix_seed(seed, g) for g in where]), n=args.k)
     failed = [j for j, t in enumerate(agent_turns) if not t.verdict.correct]
     failures = [(j // args.k, agent_turns[j]) for j in failed]
     # one seed per failure and reflector pass, from the input's global index and the sample's number

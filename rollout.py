@@ -4,10 +4,30 @@ R3, plain GRPO, SCoRe, Re-ReST and eval.py all sample through these functions. E
 records holding the exact sampled token ids (the trainer scores exactly what was sampled) and the
 decoded text (the verifier judges the text).
 """
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import tasks
 from sample import child_seed, generate
+
+_bar = None  # the token bar of the innermost progress() block; sample_turns feeds it
+
+
+@contextmanager
+def progress(desc: str, leave: bool = True):
+    """In the block, every sample_turns call counts its sampled tokens on one tqdm bar (a count and a
+    rate), so no wait on the sampler is silent. Shown by rank 0 only under torchrun."""
+    global _bar
+    from tqdm import tqdm
+    outer = _bar
+    _bar = tqdm(desc=desc, unit="tok", leave=leave, disable=os.environ.get("RANK", "0") != "0")
+    try:
+        yield _bar
+    finally:
+        _bar.close()
+        _bar = outer
+
 
 # KV reuse: prompts' common prefix prefilled once, and a conversation's next turn continuing the cache
 # of its previous one. False: every turn prefilled from scratch (benchmarks compare the two).
@@ -88,7 +108,7 @@ def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int =
         outs = generate(model, chunk, n=n, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                         top_p=gen.top_p, stop_token_ids=stops, seed=None if seeds is None else seeds[start:end],
                         pad_token_id=tok.pad_token_id, past=past if any(past) else None, share_prefix=REUSE,
-                        keep=keep and REUSE)
+                        keep=keep and REUSE, on_tokens=None if _bar is None else _bar.update)
         outs, kept = outs if keep and REUSE else (outs, [None] * len(outs))
         for i, (ids, p) in enumerate(zip(outs, kept)):
             j = start + i // n

@@ -136,7 +136,7 @@ def child_seed(seed: int, j: int) -> int:
 def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int, temperature: float = 1.0,
              top_p: float = 1.0, stop_token_ids=(), seed: int | list[int] | None = None, pad_token_id: int = 0,
              ignore_stop: bool = False, past: list[Past | None] | None = None, share_prefix: bool = True,
-             keep: bool = False):
+             keep: bool = False, on_tokens=None):
     """Sample n completions of each prompt (lists of token ids, any lengths).
 
     Returns, prompt-major (the n samples of prompt 0, then of prompt 1, ...), each completion's token
@@ -152,6 +152,7 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     keep: return (completions, pasts), pasts[k] being completion k's Past: its prompt and its tokens
       but the last (sampled, never fed), ready for the conversation's next turn. Otherwise finished
       rows' caches are freed as they finish.
+    on_tokens: called with the number of tokens sampled at each step (a progress bar's update).
     """
     device = next(model.parameters()).device
     if past is None:
@@ -182,6 +183,8 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
             u = (torch.rand(len(rows), dtype=torch.float64) if seed is None else
                  torch.tensor([streams[r].random() for r in rows.tolist()], dtype=torch.float64))
         next_tokens = pick(logits, temperature, top_p, u)
+        if on_tokens is not None:
+            on_tokens(len(rows))
         for row, tok in zip(rows.tolist(), next_tokens.tolist()):
             outputs[row].append(tok)
         finished = torch.zeros_like(next_tokens, dtype=torch.bool)

@@ -174,8 +174,9 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int) -
         return cached
     mine = loop.my_share(list(range(len(train))), rank, size)
     seeds = [mix_seed(args.seed, FAILURE_SET_TAG, i) for i in mine]  # by query, not by rank
-    turns = rollout.attempt(model, tok, args.task, [train[i] for i in mine], Gen(args.max_new_tokens,
-                            args.temperature, seed=seeds))
+    with rollout.progress(f"failure set: first attempts on {len(train)} queries"):
+        turns = rollout.attempt(model, tok, args.task, [train[i] for i in mine], Gen(args.max_new_tokens,
+                                args.temperature, seed=seeds))
     rows = [(i, {"example": train[i], "attempt": t.text}) for i, t in zip(mine, turns) if not t.verdict.correct]
     rows = [row for _, row in sorted(rl.gather(rows), key=lambda r: r[0])]
     if rank == 0:

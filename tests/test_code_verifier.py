@@ -230,10 +230,13 @@ def test_code_runs_as_nobody_when_root():
     assert code("    return a + b\n", ADD).correct
 
 
-def test_code_cleans_up_its_temp_dirs():
-    before = set(Path(tempfile.gettempdir()).glob("r3_code_*"))
+def test_code_cleans_up_its_temp_dirs(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # our own: other processes' runs don't count
+    made = []
+    real = tempfile.TemporaryDirectory
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", lambda *a, **kw: made.append(1) or real(*a, **kw))
     code("def add(a, b):\n    open('f.txt', 'w').write('x')\n    return a + b\n", MBPP)
-    assert set(Path(tempfile.gettempdir()).glob("r3_code_*")) <= before
+    assert made and not list(tmp_path.glob("r3_code_*"))
 
 
 def test_code_hostile_sizes():

@@ -37,6 +37,20 @@ def test_quick_preset_fills_only_what_the_user_left_at_its_default():
     assert train_r3.parse_args([]).steps != 2  # off by default
 
 
+def test_progress_bar_counts_every_sampled_token(tiny, capsys):
+    import rollout
+    m, tok = tiny
+    examples = tasks.load_examples("countdown", "train", n=3, seed=0)
+    with rollout.progress("failure set") as bar:
+        turns = rollout.attempt(m, tok, "countdown", examples, rollout.Gen(6, 1.0, seed=1), n=2)
+        reflections = rollout.sample_turns(m, tok, [t.messages for t in turns[:2]], rollout.Gen(5, 1.0, seed=2))
+        counted = bar.n
+    assert counted == sum(len(t.ids) for t in turns + reflections) > 0
+    err = capsys.readouterr().err
+    assert "failure set" in err and "tok/s" in err  # a count and a rate
+    assert rollout._bar is None  # closed and gone after the block
+
+
 def trained_adapter(model_dir, out_dir):
     """An adapter whose LoRA-B is far from zero, saved in standard peft form."""
     torch.manual_seed(0)
