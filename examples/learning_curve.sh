@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 METHOD=${METHOD:-grpo}
 OUT=${OUT:-runs/learning-curve-$METHOD}
-python train_r3.py --task countdown --source easy --method "$METHOD" --reward partial \
+RESUME=$([ -e "$OUT/latest" ] && echo --resume || true)   # a rerun continues the run it left
+python train_r3.py $RESUME --task countdown --source easy --method "$METHOD" --reward partial \
     --steps ${STEPS:-30} --batch-size 4 --group-size 4 --train-size 64 --max-new-tokens 24 --reflect-tokens 32 \
     --lr 2e-4 --eval-every 0 --out-dir "$OUT" "$@"
 python eval.py --plot "$OUT/metrics.jsonl" --plot-out "$OUT/metrics.png"
