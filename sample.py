@@ -26,6 +26,8 @@ import random
 from dataclasses import dataclass
 
 import torch
+
+import cli  # first: it turns down third-party noise before transformers loads
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -232,6 +234,16 @@ def pick(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor
     return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
+def validate(args):
+    """Flags that would crash the sampler or print nothing: one line before the model loads."""
+    if not args.prompt.strip():
+        raise cli.UsageError("--prompt is empty")
+    cli.check_flags([("--n", args.n, args.n >= 1, "at least 1"),
+                     ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+                     ("--temperature", args.temperature, args.temperature >= 0, ">= 0"),
+                     ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]")])
+
+
 def main():
     from model import DEFAULT_MODEL, load_model, stop_token_ids
     p = argparse.ArgumentParser(description="Print sampled completions of a prompt.")
@@ -239,13 +251,15 @@ def main():
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, Hub id, local dir or .gguf file")
     p.add_argument("--adapter", default=None, help="a LoRA adapter directory (e.g. runs/x/latest/adapter)")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    p.add_argument("--n", type=int, default=1, help="completions to sample")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--n", type=int, default=1, help="completions to sample (at least 1)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="at least 1; with the prompt, at most the "
+                   "model's context")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0 (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, in (0, 1]")
     p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="load NF4 4-bit weights")
     p.add_argument("--seed", type=int, default=None)
     args = p.parse_args()
+    validate(args)
     model, tok = load_model(args.model, adapter=args.adapter, load_in_4bit=args.load_in_4bit)
     model.eval()
     if args.chat:
@@ -253,6 +267,10 @@ def main():
                                       tokenize=True, return_dict=False)
     else:
         ids = tok(args.prompt)["input_ids"]
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context and len(ids) + args.max_new_tokens > context:
+        raise cli.UsageError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} exceed "
+                             f"the model's context of {context} tokens")
     outs = generate(model, [list(ids)], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                     top_p=args.top_p, stop_token_ids=stop_token_ids(tok), seed=args.seed,
                     pad_token_id=tok.pad_token_id)
@@ -261,5 +279,4 @@ def main():
 
 
 if __name__ == "__main__":
-    import cli
     cli.run(main)
