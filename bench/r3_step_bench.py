@@ -13,7 +13,7 @@ their own phase. Per-step phases: the median of the timed steps (after --warmup 
 
 --rewards random (the default) replaces the verifier's reward with seeded random numbers, so every
 group carries signal and every step runs the update (the cost measured is the full step's); with
---rewards verifier, groups without signal are skipped, as in training. Tokens: sampled tokens for the
+--rewards verifier, the real verdicts (few groups with signal on this model). Tokens: sampled tokens for the
 sampling phases, trained (reflection) tokens for the update. --json prints one JSON line as well.
 
 --reuse both (the default) runs the bench twice, each in its own process so that its peak memory is its
