@@ -32,11 +32,11 @@ from loop import PARTIAL_CREDIT, TASK_TOKENS, mix_seed
 from model import DEFAULT_MODEL, LORA_TARGETS
 from rollout import Gen
 
-# Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
-# q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
 # --quick: the whole loop (failure set, reflections, retries, update, checkpoint, two-try eval) at toy size.
 QUICK = {"steps": 2, "train_size": 8, "eval_size": 4, "batch_size": 2, "group_size": 2, "max_new_tokens": 24,
          "reflect_tokens": 24, "k": 2, "sft_epochs": 1, "eval_every": 2}
+# Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
+# q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
 
