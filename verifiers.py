@@ -5,10 +5,9 @@ input: no eval, exact rational arithmetic, capped input sizes, regexes that cann
 badly, and model-written code runs only in a separate, resource-limited process (see `code`).
 No verifier raises: whatever the input, the answer is a Verdict (see _never_raises).
 Standard library only; the math verifier uses sympy (math_equiv.py) when it is installed, as it
-is with torch, and the code sandbox lives in sandbox.py.
+is with torch, the code sandbox lives in sandbox.py, and the function-call checks in tool_calls.py.
 """
 import functools
-import json
 import re
 import time
 from dataclasses import dataclass
@@ -16,6 +15,8 @@ from fractions import Fraction
 
 import math_equiv
 import sandbox
+import tool_calls
+from tool_calls import clip
 
 
 @dataclass(frozen=True)
@@ -39,19 +40,8 @@ def _never_raises(verifier):
                 raise TypeError("the completion must be a str and the example a dict")
             return verifier(text, example, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 -- the point is to catch everything
-            return _fail("invalid_example", f"cannot judge: {type(e).__name__}: {_clip(str(e))}")
+            return _fail("invalid_example", f"cannot judge: {type(e).__name__}: {clip(str(e))}")
     return safe
-
-
-def _clip(text: str, limit: int = 200) -> str:
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _show(value) -> str:
-    try:
-        return _clip(json.dumps(value))
-    except (RecursionError, ValueError):  # absurdly nested model output
-        return "<unprintable value>"
 
 
 # ----------------------------------------------------------------------------- countdown
@@ -173,224 +163,6 @@ def countdown(text: str, example: dict) -> Verdict:
 
 # ----------------------------------------------------------------------------- function calling
 
-MAX_CALL_CHARS = 100_000
-_JSON_START = re.compile(r"[\[{]")
-
-
-def _json_values(text: str, max_failures: int = 32) -> list:
-    """Top-level JSON values found in free text, in order (prose and code fences are skipped)."""
-    decoder, values, pos, failures = json.JSONDecoder(), [], 0, 0
-    while failures < max_failures and (m := _JSON_START.search(text, pos)):
-        try:
-            value, pos = decoder.raw_decode(text, m.start())
-            values.append(value)
-        except (ValueError, RecursionError):  # RecursionError: absurdly nested JSON
-            failures, pos = failures + 1, m.start() + 1
-    return values
-
-
-def _looks_like_calls(value) -> bool:
-    items = value if isinstance(value, list) else [value]
-    return all(isinstance(item, dict) and "name" in item for item in items)
-
-
-def _model_calls(text: str):
-    """The last JSON call list in the completion, or an error message string."""
-    if len(text) > MAX_CALL_CHARS:
-        return f"completion longer than {MAX_CALL_CHARS} characters"
-    values = [v for v in _json_values(text) if _looks_like_calls(v)]
-    if not values:
-        return 'no JSON list of {"name": ..., "arguments": {...}} calls found'
-    if "<tool_call>" in text:  # Hermes/Qwen style, one call per tag: every tagged call counts
-        calls = [call for v in values for call in (v if isinstance(v, list) else [v])]
-    else:  # otherwise the last call list (or single call object) is the answer; a stray []
-        last = [v for v in values if v != []][-1:] or values[-1:]  # in prose does not count
-        calls = last[0] if isinstance(last[0], list) else last
-    for call in calls:
-        if not isinstance(call["name"], str) or not isinstance(call.get("arguments"), dict):
-            return f"call {_show(call)} needs a string name and an arguments object"
-    return [(call["name"], call["arguments"]) for call in calls]
-
-
-def _maybe_json(value):
-    return json.loads(value) if isinstance(value, str) else value
-
-
-# BFCL forgives differences of case, spacing and a few punctuation marks in strings ("April 1,
-# 2024" == "april 1 2024") and treats ' and " alike; these are its rules, in our own code.
-_STRING_NOISE = str.maketrans("", "", " ,./-_*^")
-
-
-def _loose(text: str) -> str:
-    return text.translate(_STRING_NOISE).lower().replace("'", '"')
-
-
-def _equal(a, b, loose: bool = False) -> bool:
-    """JSON equality where 3 == 3.0 but True != 1 and "3" != 3; `loose` compares strings the
-    way BFCL does."""
-    if isinstance(a, bool) or isinstance(b, bool):
-        return type(a) is type(b) and a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_equal(a[k], b[k], loose) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_equal(x, y, loose) for x, y in zip(a, b))
-    if loose and isinstance(a, str) and isinstance(b, str):
-        return _loose(a) == _loose(b)
-    return type(a) is type(b) and a == b
-
-
-def _fits_option(value, option) -> bool:
-    # BFCL nests: a dict option maps each key to its own list of allowed values (a bare value
-    # means just that value); a list option is matched item by item.
-    if isinstance(option, dict) and isinstance(value, dict):
-        spec = {k: v if isinstance(v, list) else [v] for k, v in option.items()}
-        return _argument_problem(value, spec, bfcl=True) is None
-    if isinstance(option, list) and isinstance(value, list):
-        return len(option) == len(value) and all(map(_fits_option, value, option))
-    return _equal(value, option, loose=True)
-
-
-def _argument_problem(args: dict, gold: dict, bfcl: bool) -> str | None:
-    """Why `args` differs from the gold arguments; None when they match. In BFCL form each gold
-    argument lists its allowed values, and "" among them means it may be left out."""
-    for key in args:
-        if key not in gold:
-            return f"unexpected argument {key!r}"
-    for key, want in gold.items():
-        if bfcl and want == []:  # BFCL writes the value [] as [] instead of [[]] (live_simple_106)
-            want = [[]]
-        if key not in args:
-            if bfcl and "" in want:
-                continue
-            return f"missing argument {key!r}"
-        # The message says what is wrong, never what is right: it is feedback (Re-ReST's reflector
-        # reads it), and an environment does not hand out the answer.
-        if bfcl and not any(_fits_option(args[key], option) for option in want):
-            return f"argument {key!r} = {_show(args[key])} is not a correct value"
-        if not bfcl and not _equal(args[key], want):
-            return f"argument {key!r} = {_show(args[key])} is not a correct value"
-    return None
-
-
-# Schema types (BFCL's names and JSON Schema's) -> does a value have that type. As in BFCL, an
-# int passes for a float (Python widens it) but a float never passes for an integer, and bool
-# is not a number. Array items are checked one level deep, without the int -> float widening.
-_TYPES = {"string": (str,), "any": (str,), "integer": (int,), "float": (float,),
-          "number": (float,), "boolean": (bool,), "array": (list,), "tuple": (list,),
-          "dict": (dict,), "object": (dict,)}
-
-
-def _has_type(value, kind: str, top: bool) -> bool:
-    if top and kind in ("float", "number") and type(value) is int:
-        return True
-    return type(value) in _TYPES[kind]
-
-
-_NONE_GIVEN = object()  # not None: a gold value may be null
-
-
-def _first_given(options) -> object:
-    given = (o for o in options if o != "") if isinstance(options, list) else ()
-    return next(given, _NONE_GIVEN)
-
-
-def _type_problem(value, spec, options: list) -> str | None:
-    """Does `value` have the schema's type? BFCL lets a value whose type is that of the gold
-    answer's pass too (the gold may name a variable, as a string, for a number)."""
-    kind = spec.get("type") if isinstance(spec, dict) else None
-    if kind not in _TYPES:  # untyped or a type we do not know: the gold values decide
-        return None
-    example = _first_given(options)
-    if not _has_type(value, kind, top=True):
-        if example is not _NONE_GIVEN and type(value) is type(example):
-            return None
-        return f"expected {kind}, got {type(value).__name__}"
-    items = spec.get("items")
-    item_kind = items.get("type") if isinstance(items, dict) else None
-    if kind not in ("array", "tuple") or item_kind not in _TYPES:
-        return None
-    lists = [option for option in options if isinstance(option, list)]
-    if not lists:  # (BFCL also stops here when "" comes first: it would pass [1.0] as integers)
-        return None
-    for option in lists:  # every item must fit, against at least one gold list
-        sample = _first_given(option)
-        if all(_has_type(item, item_kind, top=False) or
-               (sample is not _NONE_GIVEN and type(item) is type(sample)) for item in value):
-            return None
-    return f"expected a list of {item_kind}"
-
-
-def _schemas(example: dict) -> dict:
-    """Tool name -> (properties, required) for tools with a JSON-Schema-style parameter object
-    (BFCL's and OpenAI's); tools without one (xlam's flat form) are not schema-checked."""
-    tools = example.get("tools", example.get("function"))
-    tools = _maybe_json(tools) if isinstance(tools, (str, list)) else []
-    schemas = {}
-    for tool in tools if isinstance(tools, list) else []:
-        tool = tool.get("function", tool) if isinstance(tool, dict) else None
-        params = tool.get("parameters") if isinstance(tool, dict) else None
-        props = params.get("properties") if isinstance(params, dict) else None
-        if isinstance(props, dict) and isinstance(tool.get("name"), str):
-            required = params.get("required")
-            required = [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
-            schemas.setdefault(tool["name"], (props, required))
-    return schemas
-
-
-def _schema_problem(args: dict, gold: dict, schema, bfcl: bool) -> str | None:
-    """Arguments against the tool's own schema: no unknown ones, every required one, types."""
-    if schema is None:
-        return None
-    props, required = schema
-    for key in required:
-        if key not in args:
-            return f"missing required argument {key!r}"
-    for key, value in args.items():
-        if key not in props:
-            return f"the tool has no argument {key!r}"
-        if key in gold:
-            options = gold[key] if bfcl else [gold[key]]
-            problem = _type_problem(value, props[key], options if isinstance(options, list) else [])
-        else:
-            problem = _type_problem(value, props[key], [])
-        if problem:
-            return f"argument {key!r}: {problem}"
-    return None
-
-
-def _call_problem(name, args, g_name, g_args, schemas, bfcl) -> str | None:
-    if name != g_name:
-        return f"called {name}, expected {g_name}"
-    return (_schema_problem(args, g_args, schemas.get(name), bfcl)
-            or _argument_problem(args, g_args, bfcl))
-
-
-def _perfect_matching(fits: list[list[bool]]) -> bool:
-    """Can every model call be paired with a distinct gold call it fits (Kuhn's algorithm)?
-    BFCL pairs greedily, in order, and so misses some valid pairings of parallel calls."""
-    owner = {}  # gold index -> model index
-
-    def place(i, seen):
-        for j, ok in enumerate(fits[i]):
-            if ok and j not in seen:
-                seen.add(j)
-                if j not in owner or place(owner[j], seen):
-                    owner[j] = i
-                    return True
-        return False
-
-    return all(place(i, set()) for i in range(len(fits)))
-
-
-def _gold_calls(example: dict):
-    if "ground_truth" in example:
-        return True, [item for entry in _maybe_json(example["ground_truth"])
-                      for item in entry.items()]
-    return False, [(a["name"], _maybe_json(a["arguments"])) for a in _maybe_json(example["answers"])]
-
-
 @_never_raises
 def function_call(text: str, example: dict) -> Verdict:
     """Calls must equal the gold calls as a multiset: same names, same argument names and values.
@@ -402,22 +174,22 @@ def function_call(text: str, example: dict) -> Verdict:
     ,./-_*^ ignored). Two places where we keep our own rule over BFCL's checker: parallel calls
     may come in any order (BFCL's greedy pairing misses some), and [] is a value, not the
     omission of an optional list argument."""
-    calls = _model_calls(text)
+    calls = tool_calls.model_calls(text)
     if isinstance(calls, str):
         return _fail("format", calls)
-    bfcl, gold = _gold_calls(example)  # a malformed example raises: _never_raises fails it
-    schemas = _schemas(example)
+    bfcl, gold = tool_calls.gold_calls(example)  # a malformed example raises: _never_raises fails it
+    schemas = tool_calls.schemas(example)
     names, gold_names = sorted(n for n, _ in calls), sorted(n for n, _ in gold)
     if names != gold_names:  # multisets of tool names differ
         return _fail("wrong_tool", f"called {names}: not the {len(gold_names)} tool call(s) this request needs")
-    fits = [[_call_problem(name, args, g_name, g_args, schemas, bfcl) is None
+    fits = [[tool_calls.call_problem(name, args, g_name, g_args, schemas, bfcl) is None
              for g_name, g_args in gold] for name, args in calls]
-    if _perfect_matching(fits):
+    if tool_calls.perfect_matching(fits):
         return Verdict(True)
     for j, (g_name, g_args) in enumerate(gold):  # report the first gold call nobody fits
         if not any(row[j] for row in fits):
             args = next(args for name, args in calls if name == g_name)
-            problem = _call_problem(g_name, args, g_name, g_args, schemas, bfcl)
+            problem = tool_calls.call_problem(g_name, args, g_name, g_args, schemas, bfcl)
             return _fail("wrong_arguments", f"{g_name}: {problem}")
     return _fail("wrong_arguments", "the calls do not match the expected arguments one-to-one")
 
@@ -522,7 +294,7 @@ def math(text: str, example: dict) -> Verdict:
         return Verdict(True)
     if math_equiv.equal(ours, theirs, seconds=0.8 - (time.monotonic() - start)):
         return Verdict(True)
-    return _fail("wrong_answer", f"final answer {_clip(found.strip())} is not correct")
+    return _fail("wrong_answer", f"final answer {clip(found.strip())} is not correct")
 
 
 # ----------------------------------------------------------------------------- code
