@@ -22,6 +22,7 @@ import rundir
 import tasks
 from model import load_model
 from rollout import Gen
+from sample import mix_seed
 
 TASK_TOKENS = {"countdown": 48, "function_calling": 128, "math": 256, "code": 256}  # answer lengths
 # --reward partial: some credit for failing closer to a pass, a denser signal for small models that
@@ -40,14 +41,6 @@ def reward(verdict, kind: str = "binary") -> float:
 
 
 # ---------------------------------------------------------------------------------------------- seeds and batches
-
-def mix_seed(*parts: int) -> int:
-    """One 63-bit seed from several integers (a fixed polynomial hash: the same on every rank and run)."""
-    h = 0
-    for x in parts:
-        h = (h * 1_000_003 + int(x) + 0x9E3779B9) % (1 << 63)
-    return h
-
 
 def batch_at(step: int, n_items: int, batch_size: int, seed: int) -> list[int]:
     """Indices of step's global batch: epochs of a seeded shuffle, so the data position follows from the step."""

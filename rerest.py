@@ -37,8 +37,8 @@ import loop
 import rl
 import rollout
 import tasks
-from loop import mix_seed
 from rollout import Gen, Turn
+from sample import mix_seed
 
 REFLECTOR = "reflector"  # the reflector's peft adapter name
 

@@ -87,15 +87,16 @@ def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, te
     if getattr(model, "is_gradient_checkpointing", False):  # no cache under checkpointing: the plain way
         ids, attn, comp = pad_batch(samples, pad_id, device)
         return completion_logprobs(model, ids, attn, comp.shape[1], temperature), comp
-    import os
     from transformers import DynamicCache
+
+    from sample import common_prefix_len
     prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
     which = torch.tensor([prompts.index(tuple(s.prompt_ids)) for s in samples], device=device)
     C = max(len(s.completion_ids) for s in samples)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     cache = DynamicCache()
-    # the common prefix, leaving each prompt one token of its own (its logits predict the first completion token)
-    L = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1) if len(prompts) > 1 else 0
+    # the common prefix, run once at batch 1
+    L = common_prefix_len(prompts) if len(prompts) > 1 else 0
     if L:
         model(input_ids=t([prompts[0][:L]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
         for layer in cache.layers:  # a view per prompt, no copy: the next forward concatenates onto it

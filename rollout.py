@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import tasks
-from sample import child_seed, generate
+from sample import mix_seed, generate
 
 _bar = None  # the token bar of the innermost progress() block; sample_turns feeds it
 
@@ -134,13 +134,13 @@ def reflect_and_retry(model, tok, task: str, examples: list[dict], attempts: lis
     """R3 steps 2-3: after each failed attempt, n reflections, and after each reflection one retry.
     Each continues the cache of the turn before it, where kept (attempt(keep=True)).
     Seeds as lists, one per attempt: attempt i's reflections are reflect_gen.seed[i]'s streams
-    j = 0..n-1; the retry after reflection j gets the seed child_seed(retry_gen.seed[i], j)."""
+    j = 0..n-1; the retry after reflection j gets the seed mix_seed(retry_gen.seed[i], j)."""
     G = n_reflections
     convs = [then(a.messages, a.text, tasks.reflect_instruction(task)) for a in attempts]
     reflections = sample_turns(model, tok, convs, reflect_gen, G, take_pasts(attempts), keep=True)
     retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task)) for r in reflections]
     if isinstance(retry_gen.seed, list):
-        retry_gen = replace(retry_gen, seed=[child_seed(s, j) for s in retry_gen.seed for j in range(G)])
+        retry_gen = replace(retry_gen, seed=[mix_seed(s, j) for s in retry_gen.seed for j in range(G)])
     retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen, 1, take_pasts(reflections)),
                     [ex for ex in examples for _ in range(G)])
     return [Episode(ex, a, reflections[i * G:(i + 1) * G], retries[i * G:(i + 1) * G])

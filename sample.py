@@ -120,6 +120,12 @@ def prefill(model, prompts: list[list[int]], pasts: list[Past | None], pad_token
     return cache, mask, logits
 
 
+def common_prefix_len(prompts: list[list[int]]) -> int:
+    """Length of the prompts' longest common prefix, leaving every prompt at least one token of its own
+    (its logits start what follows). Used by generate and by rl.shared_prompt_logprobs."""
+    return min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+
+
 def row_past(cache, mask_row: torch.Tensor, row: int, ids: list[int]) -> Past:
     """Batch row `row`'s cache as a Past of `ids`: its real slots only (pads dropped), copied out."""
     real = mask_row.nonzero().squeeze(1)
@@ -128,10 +134,12 @@ def row_past(cache, mask_row: torch.Tensor, row: int, ids: list[int]) -> Past:
                 [layer.values[row:row + 1, :, real] for layer in cache.layers])
 
 
-def child_seed(seed: int, j: int) -> int:
-    """The seed of stream j under `seed` (sample j of a prompt, retry j of an attempt): a hash, so
-    that nearby seeds and indices give unrelated streams."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}/{j}".encode(), digest_size=8).digest(), "little")
+def mix_seed(*parts: int) -> int:
+    """One 63-bit seed from several integers: (run seed, step, row) for a row, (seed, j) for stream j under
+    it (sample j of a prompt, retry j of an attempt). A hash, the same on every rank and run, so nearby
+    inputs give unrelated streams."""
+    text = "/".join(str(int(p)) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
 
 
 @torch.inference_mode()
@@ -146,7 +154,7 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     ignore_stop=True generates exactly max_new_tokens (benchmarks with a fixed length).
 
     seed: one per prompt, or an int s (prompt i gets s + i), or None (torch's global generator).
-      Sample j of prompt i draws from its own stream, random.Random(child_seed(seed_i, j)), so its
+      Sample j of prompt i draws from its own stream, random.Random(mix_seed(seed_i, j)), so its
       tokens do not depend on which other rows share the batch (up to float rounding).
     past: per prompt, None or a Past whose ids the prompt starts with (a previous turn, kept with
       keep=True); only the prompt's tokens after it are run.
@@ -160,7 +168,7 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     if past is None:
         past = [None] * len(prompts)
         # The common prefix, leaving every prompt one token of its own (its logits start the sampling).
-        shared = min(len(os.path.commonprefix(prompts)), min(map(len, prompts)) - 1)
+        shared = common_prefix_len(prompts)
         if share_prefix and len(prompts) > 1 and shared > 0:
             cache, mask, _ = prefill(model, [prompts[0][:shared]], [None], pad_token_id, 0)
             past = [row_past(cache, mask[0], 0, prompts[0][:shared])] * len(prompts)
@@ -177,7 +185,7 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     if seed is not None:
         seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
         assert len(seeds) == len(prompts), "one seed per prompt"
-        streams = [random.Random(child_seed(s, j)) for s in seeds for j in range(n)]
+        streams = [random.Random(mix_seed(s, j)) for s in seeds for j in range(n)]
 
     for step in range(max_new_tokens):
         u = None

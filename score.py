@@ -28,9 +28,8 @@ import cli
 import loop
 import rl
 import rollout
-from loop import mix_seed
 from rollout import Gen
-from sample import child_seed
+from sample import mix_seed
 
 
 # ---------------------------------------------------------------------------------------------- the rewards
@@ -80,7 +79,7 @@ def score_step(model, tok, optimizer, args, cfg: rl.UpdateConfig, examples: list
                                                                  seed=seeds), n=G, keep=True)
     second = rollout.correct(model, tok, args.task, [ex for ex in examples for _ in range(G)], first,
                              Gen(args.max_new_tokens, args.temperature,
-                                 seed=[child_seed(mix_seed(s, 1), j) for s in seeds for j in range(G)]))
+                                 seed=[mix_seed(mix_seed(s, 1), j) for s in seeds for j in range(G)]))
     t_sample = time.perf_counter() - t0
     c1 = [float(t.verdict.correct) for t in first]
     c2 = [float(t.verdict.correct) for t in second]

@@ -28,9 +28,10 @@ import rl
 import rollout
 import score
 import tasks
-from loop import PARTIAL_CREDIT, TASK_TOKENS, mix_seed
+from loop import PARTIAL_CREDIT, TASK_TOKENS
 from model import DEFAULT_MODEL, LORA_TARGETS
 from rollout import Gen
+from sample import mix_seed
 
 # --quick: the whole loop (failure set, reflections, retries, update, checkpoint, two-try eval) at toy size.
 QUICK = {"steps": 2, "train_size": 8, "eval_size": 4, "batch_size": 2, "group_size": 2, "max_new_tokens": 24,

@@ -45,15 +45,20 @@ def time_ours(model, prompts, n, new):
     return dt
 
 
-def time_hf(model, tok, prompts, n, new):
+def hf_sample(model, tok, prompts, n, new, **kw):
+    """HF generate, n samples of each prompt at temperature 1: (the new tokens [rows, <= new], seconds)."""
     batch = tok.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
     t = time.perf_counter()
     out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
-                         max_new_tokens=new, min_new_tokens=new, pad_token_id=tok.pad_token_id)
+                         max_new_tokens=new, pad_token_id=tok.pad_token_id, **kw)
     if model.device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t
-    assert out.shape == (len(prompts) * n, batch["input_ids"].shape[1] + new)
+    return out[:, batch["input_ids"].shape[1]:], time.perf_counter() - t
+
+
+def time_hf(model, tok, prompts, n, new):
+    out, dt = hf_sample(model, tok, prompts, n, new, min_new_tokens=new)
+    assert out.shape == (len(prompts) * n, new)
     return dt
 
 
@@ -71,16 +76,9 @@ def fewshot(model, tok, prompts, n, new):
     outs = generate(model, prompts, n=n, max_new_tokens=new, temperature=1.0, seed=0, stop_token_ids=stops,
                     pad_token_id=tok.pad_token_id)
     ours_s, ours_tokens = time.perf_counter() - t, sum(map(len, outs))
-    batch = tok.pad({"input_ids": prompts}, return_tensors="pt").to(model.device)
-    t = time.perf_counter()
-    out = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=n,
-                         max_new_tokens=new, eos_token_id=stops, pad_token_id=tok.pad_token_id)
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    hf_s = time.perf_counter() - t
+    out, hf_s = hf_sample(model, tok, prompts, n, new, eos_token_id=stops)
     # HF's tokens: each row up to and including its first stop token (it pads after that)
-    hf_tokens = sum(next((i + 1 for i, x in enumerate(row) if x in stops), len(row))
-                    for row in out[:, batch["input_ids"].shape[1]:].tolist())
+    hf_tokens = sum(next((i + 1 for i, x in enumerate(row) if x in stops), len(row)) for row in out.tolist())
     return ours_tokens / ours_s, hf_tokens / hf_s, ours_s, hf_s, ours_tokens, hf_tokens
 
 
