@@ -192,23 +192,6 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
     return [done[ex["id"]] for ex in examples]
 
 
-def resolve_adapter(path: str) -> Path:
-    """A run directory (its latest checkpoint's adapter/), a checkpoint directory, or an adapter directory."""
-    p = Path(path)
-    if (p / "latest").exists():
-        import rl
-        ckpt = rl.latest_checkpoint(p)
-        if ckpt is None:
-            raise cli.UsageError(f"{p / 'latest'}: damaged (it names no checkpoint); pass a checkpoint's adapter "
-                                 f"directory instead, e.g. {p}/ckpt-<step>/adapter")
-        p = ckpt
-    for candidate in (p, p / "adapter"):
-        if (candidate / "adapter_config.json").is_file():
-            return candidate.resolve()
-    raise cli.UsageError(f"no adapter at {path}: give a run directory (with a latest checkpoint) "
-                         "or an adapter directory (with adapter_config.json)")
-
-
 def validate(args):
     """Flags no evaluation could use, and an --out that cannot be written: one line before any work."""
     if args.plot:
@@ -226,11 +209,11 @@ def main(argv=None):
     args = parse_args(argv)
     if args.plot:
         return plot(Path(args.plot), Path(args.plot_out) if args.plot_out else None)
+    from model import load_model, resolve_adapter
     adapter = resolve_adapter(args.adapter) if args.adapter else None
     if args.compare and adapter is None:
         raise cli.UsageError("--compare needs --adapter (a run directory or an adapter directory)")
     validate(args)
-    from model import load_model
     from loop import TASK_TOKENS, fit_context
     examples = tasks.load_examples(args.task, "test", source=args.source, n=args.n, seed=args.seed)
     if not examples:

@@ -52,7 +52,7 @@ def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.b
 
 def main(argv=None):
     args = parse_args(argv)
-    from eval import resolve_adapter
+    from model import resolve_adapter
     adapter = resolve_adapter(args.adapter)
     out = Path(args.out)
     if out.exists():

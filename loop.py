@@ -20,7 +20,7 @@ import rl
 import rollout
 import rundir
 import tasks
-from model import load_model
+from model import load_model, resolve_adapter
 from rollout import Gen
 from sample import mix_seed
 
@@ -72,8 +72,11 @@ def setup(args):
         raise cli.UsageError("training needs --lora-r > 0 (the base model with the adapter off is the KL reference)")
     say = print if rank == 0 else (lambda *a: None)
     check_run_dir(args, rank)
+    # --init-adapter: start from a saved adapter (its LoRA shape); the KL reference stays the base model.
+    init = getattr(args, "init_adapter", None)
     model, tok = load_model(args.model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
-                            lora_targets=args.lora_targets, load_in_4bit=args.load_in_4bit, device=device)
+                            lora_targets=args.lora_targets, load_in_4bit=args.load_in_4bit, device=device,
+                            adapter=str(resolve_adapter(init)) if init else None)
     params = [p for p in model.parameters() if p.requires_grad]
     rl.broadcast_params(params)  # belt and braces: rank 0's adapter is everyone's
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -113,8 +116,8 @@ def fit_context(model, tok, args, examples: list[dict], what: str, mode: str | N
     never fed to the model; none left is an error."""
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     mode = mode or {"grpo": "none", "score": "score"}.get(args.method, "r3")
-    follow = {"none": [], "score": [tasks.correction_instruction(args.task)],
-              "r3": [tasks.reflect_instruction(args.task), tasks.retry_instruction(args.task)]}[mode]
+    follow = lambda ex: {"none": [], "score": [tasks.correction_instruction(args.task)],  # noqa: E731
+                         "r3": [tasks.reflect_instruction(args.task), tasks.retry_instruction(args.task, ex)]}[mode]
     generated = args.max_new_tokens * (1 + (mode != "none")) + (args.reflect_tokens if mode == "r3" else 0)
     if not context or not examples:
         return examples
@@ -124,7 +127,7 @@ def fit_context(model, tok, args, examples: list[dict], what: str, mode: str | N
     keep = []
     for ex in examples:
         messages = tasks.first_attempt_messages(args.task, ex)
-        for instruction in follow:
+        for instruction in follow(ex):
             messages += [{"role": "assistant", "content": ""}, {"role": "user", "content": instruction}]
         if len(rollout.chat_ids(tok, messages)) + generated + CONTEXT_MARGIN <= context:
             keep.append(ex)
@@ -212,7 +215,8 @@ def summarize(step_stats: dict) -> dict:
             "kl": sum(step_stats["kl_sum"]) / max(sum(step_stats["kl_tokens"]), 1), "loss": sum(step_stats["loss"]),
             "grad_norm": mean(step_stats["grad_norm"]),
             "tokens_per_s": sum(step_stats["tokens"]) / max(max(step_stats["sample_s"]), 1e-9),
-            "step_s": max(step_stats["step_s"]), "reflection_len": mean(step_stats["reflection_len"])}
+            "step_s": max(step_stats["step_s"]), "reflection_len": mean(step_stats["reflection_len"]),
+            **({"phase": step_stats["phase"][0]} if step_stats.get("phase") else {})}
 
 
 def update_stats(stats: dict) -> dict:
@@ -223,36 +227,55 @@ def update_stats(stats: dict) -> dict:
 
 # ---------------------------------------------------------------------------------------------- the loop
 
-def train_loop(model, tok, optimizer, args, state: dict, items: list, test: list[dict], step_fn, describe=summarize,
+def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict], step_fn, describe=summarize,
                extra_state=None):
-    """The step loop shared by R3, GRPO and SCoRe. Per step: the seeded global batch, this rank's share
-    of it with one seed per item (a function of the run's seed, the step and the item's place in the
-    global batch, so the rank that samples it does not matter), step_fn(step, batch, seeds) -> dict of
-    per-sample lists, gathered over ranks and turned into one metrics line by describe; periodic eval and
-    checkpoints (state plus extra_state()). Everything follows from the step number, so --resume
-    continues where the checkpoint left off."""
+    """The step loop shared by R3, GRPO and SCoRe. Per step: the seeded global batch of items (a list, or
+    a function of the step for runs whose data changes by phase), this rank's share of it with one seed
+    per item (a function of the run's seed, the step and the item's place in the global batch, so the
+    rank that samples it does not matter), step_fn(step, batch, seeds) -> dict of per-sample lists,
+    gathered over ranks and turned into one metrics line by describe; an eval before the first step and
+    periodic ones; checkpoints (state plus extra_state()). --token-budget ends the run after the step
+    whose sampled tokens reach it. Everything follows from the step number and the checkpointed state,
+    so --resume continues where the checkpoint left off."""
     rank, size = rl.world()
     params = [p for p in model.parameters() if p.requires_grad]
+    budget = getattr(args, "token_budget", 0)
+    state.setdefault("tokens", 0)
+    if args.eval_every and state["step"] == 0:  # where training starts from, on the same held-out examples
+        record = {"step": 0, "kind": "eval", **evaluate(model, tok, args, test, rank, size)}
+        if rank == 0:
+            print(f"step 0: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}")
+            log_line(args, record)
     model.train()
     bar = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps, disable=rank != 0,
                desc=f"{args.method} {args.task}")
     for step in bar:
-        idx = batch_at(step, len(items), args.batch_size, args.seed)
+        if budget and state["tokens"] >= budget:
+            break
+        step_items = items(step) if callable(items) else items
+        idx = batch_at(step, len(step_items), args.batch_size, args.seed)
         seeds = [mix_seed(args.seed, step, k) for k in range(len(idx))]
         with rollout.progress(f"step {step + 1}: rollouts", leave=False):
-            stats = step_fn(step, my_share([items[i] for i in idx], rank, size), my_share(seeds, rank, size))
+            stats = step_fn(step, my_share([step_items[i] for i in idx], rank, size), my_share(seeds, rank, size))
         record = {"step": step + 1, "kind": "train", **describe({k: rl.gather(v) for k, v in stats.items()})}
+        state["tokens"] += sum(rl.gather(stats.get("tokens", []) + stats.get("extra_tokens", [])))
+        record["tokens_total"] = state["tokens"]
+        last = step + 1 == args.steps or bool(budget and state["tokens"] >= budget)
         if size > 1 and not rl.in_sync(params):
             raise RuntimeError(f"step {step + 1}: the ranks' adapters differ (a data-parallel bug)")
         bar.set_postfix(reward=f"{record['reward']:.3f}", signal=f"{record['signal_frac']:.2f}")
-        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             record.update(evaluate(model, tok, args, test, rank, size))
             bar.write(f"step {step + 1}: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}")
         if rank == 0:
             log_line(args, record)
-            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if (step + 1) % args.save_every == 0 or last:
                 rl.save_checkpoint(args.out_dir, model, optimizer,
                                    {"step": step + 1, "data_pos": (step + 1) * args.batch_size,
-                                    **(extra_state() if extra_state else {})})
+                                    "tokens": state["tokens"], **(extra_state() if extra_state else {})})
         if size > 1:
             dist.barrier()
+        if last:
+            if budget and step + 1 < args.steps and rank == 0:
+                bar.write(f"--token-budget {budget}: reached after step {step + 1} ({state['tokens']} tokens)")
+            break

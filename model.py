@@ -140,6 +140,23 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
     return model, tokenizer
 
 
+def resolve_adapter(path: str) -> Path:
+    """A run directory (its latest checkpoint's adapter/), a checkpoint directory, or an adapter directory."""
+    p = Path(path)
+    if (p / "latest").exists():
+        import rl
+        ckpt = rl.latest_checkpoint(p)
+        if ckpt is None:
+            raise UsageError(f"{p / 'latest'}: damaged (it names no checkpoint); pass a checkpoint's adapter "
+                          f"directory instead, e.g. {p}/ckpt-<step>/adapter")
+        p = ckpt
+    for candidate in (p, p / "adapter"):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate.resolve()
+    raise UsageError(f"no adapter at {path}: give a run directory (with a latest checkpoint) "
+                     "or an adapter directory (with adapter_config.json)")
+
+
 def load_adapter(model, adapter, model_name: str):
     """A saved LoRA adapter on top of model, its files checked first: a missing, empty, truncated or corrupt
     file, or an adapter trained on another base model, is one line naming the file and what is wrong."""

@@ -138,7 +138,8 @@ def reflect_and_retry(model, tok, task: str, examples: list[dict], attempts: lis
     G = n_reflections
     convs = [then(a.messages, a.text, tasks.reflect_instruction(task)) for a in attempts]
     reflections = sample_turns(model, tok, convs, reflect_gen, G, take_pasts(attempts), keep=True)
-    retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task)) for r in reflections]
+    retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task, examples[i // G]))
+                   for i, r in enumerate(reflections)]
     if isinstance(retry_gen.seed, list):
         retry_gen = replace(retry_gen, seed=[mix_seed(s, j) for s in retry_gen.seed for j in range(G)])
     retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen, 1, take_pasts(reflections)),

@@ -11,7 +11,8 @@ from pathlib import Path
 import rl
 from cli import UsageError, writable_dir
 
-SAME_RUN = ("task", "method", "model", "lora_r", "lora_alpha", "lora_targets")  # what --resume may not change
+SAME_RUN = ("task", "method", "model", "lora_r", "lora_alpha", "lora_targets",  # what --resume may not change
+            "init_adapter", "warmup_steps", "refresh_failures")
 _HELD = {}  # lock path -> open file: the lock lives as long as the process (the OS drops it on any death)
 
 
@@ -96,7 +97,7 @@ def resume(args, model, optimizer, say) -> dict:
         raise UsageError(f"--resume: no checkpoint in {run_dir} reads back whole ({'; '.join(problems)})")
     # Killed before its first checkpoint: nothing to load, start again from step 0 (metrics trimmed to none).
     say(f"--resume: {run_dir} has no checkpoint yet; starting from step 0")
-    return {"step": 0}
+    return {"step": 0, "no_checkpoint": True}
 
 
 def has_started(run_dir: Path) -> bool:
@@ -107,6 +108,8 @@ def has_started(run_dir: Path) -> bool:
 
 def covered(record: dict, state: dict) -> bool:
     """Is a metrics line part of what the checkpoint holds? Re-ReST lines go by round, the rest by step."""
+    if state.get("no_checkpoint"):  # nothing was saved: every line is logged again (the step-0 eval too)
+        return False
     if "round" in record:
         return isinstance(record["round"], int) and record["round"] <= state.get("round", 0)
     return isinstance(record.get("step"), int) and record["step"] <= state["step"]

@@ -340,7 +340,8 @@ def _load_external(task, source):
 
 # ------------------------------------------------------------------------------------------ prompts
 SYSTEM = {
-    "countdown": "You are good at arithmetic puzzles. Give only the equation, inside <answer> </answer> tags.",
+    "countdown": "You solve arithmetic puzzles. When you give an answer, give only the expression inside "
+                 "<answer> </answer> tags.",
     "function_calling": "You are an assistant that answers by calling functions. "
                         "Reply with only a JSON list of calls.",
     "math": "You are a careful mathematician. Reason step by step and put the final answer in \\boxed{}.",
@@ -365,7 +366,7 @@ COUNTDOWN_SHOTS = (([3, 4], 7, "3 + 4"), ([8, 2, 7], 28, "8 / 2 * 7"), ([10, 25,
 
 
 def _countdown_question(nums, target):
-    return (f"Using the numbers {nums}, write an equation that equals {target}. Use +, -, * and / and "
+    return (f"Using the numbers {nums}, write an expression that equals {target}. Use +, -, * and / and "
             f"each number exactly once. {FORMAT['countdown']}")
 
 
@@ -394,13 +395,16 @@ def first_attempt_messages(task: str, example: dict) -> list[dict]:
 def reflect_instruction(task: str) -> str:
     """R3 step 2: after a failed attempt, ask for a short reflection (and no answer yet)."""
     _check_task(task)
-    return (f"That answer was not correct. Reflect on what went wrong. {MISTAKES[task]} In two or three "
-            "sentences, explain the mistake and how to do better. Do not give the final answer yet.")
+    return (f"That answer was not correct. Reflect on what went wrong. {MISTAKES[task]} In one or two "
+            "sentences, say what was wrong and what different approach to try next. Do not give the answer yet.")
 
 
-def retry_instruction(task: str) -> str:
-    """R3 step 3: after the reflection, try again."""
+def retry_instruction(task: str, example: dict | None = None) -> str:
+    """R3 step 3: after the reflection, try again. Countdown restates the question as the first try asked
+    it: after a reflection the 135M model then answers in the format far more often."""
     _check_task(task)
+    if task == "countdown" and example is not None:
+        return "Now try again, using your reflection. " + _countdown_question(example["nums"], example["target"])
     return f"Now try the task again, using your reflection. {FORMAT[task]}"
 
 

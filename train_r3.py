@@ -29,15 +29,23 @@ import rollout
 import score
 import tasks
 from loop import PARTIAL_CREDIT, TASK_TOKENS
-from model import DEFAULT_MODEL, LORA_TARGETS
+from model import DEFAULT_MODEL, LORA_TARGETS, resolve_adapter
 from rollout import Gen
 from sample import mix_seed
 
 # --quick: the whole loop (failure set, reflections, retries, update, checkpoint, two-try eval) at toy size.
-QUICK = {"steps": 2, "train_size": 8, "eval_size": 4, "batch_size": 2, "group_size": 2, "max_new_tokens": 24,
+QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, "eval_size": 4, "batch_size": 2, "group_size": 2, "max_new_tokens": 24,
          "reflect_tokens": 24, "k": 2, "sft_epochs": 1, "eval_every": 2}
 # Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
 # q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
+# The README's main command on the embedded 135M model (`python train_r3.py --task countdown`): a recipe in
+# which R3 gets signal on a CPU (README, "Where we differ from the papers"). The base model solves no
+# Countdown problem, so no retry passes and no group has signal: the easy source, a short GRPO warm-up
+# with partial credit, and a failure set rebuilt as the policy improves. Hub models keep the paper's setting.
+# Its warm-up is a third of --steps (10 of 30).
+EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 30, "refresh_failures": 5, "lr": 2e-4, "max_new_tokens": 24,
+                      "reflect_tokens": 32, "temperature": 0.7}
+R3_ONLY = {"warmup_steps", "refresh_failures"}
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
 
@@ -73,7 +81,19 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--reward", default="binary", choices=["binary", "partial"],
                    help=f"binary: 1 if the verifier passes (the paper); partial: also {PARTIAL_CREDIT}")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--init-adapter", default=None, metavar="DIR", help="start from a saved LoRA adapter (a run "
+                   "directory or an adapter directory; its LoRA shape is used); the KL reference stays the base model")
+    p.add_argument("--warmup-steps", type=int, default=None, help="r3: plain GRPO steps on first attempts (reward "
+                   "--warmup-reward) before the R3 steps; they count in --steps (not in the paper; default 0, "
+                   "embedded model on countdown: a third of --steps)")
+    p.add_argument("--warmup-reward", default="partial", choices=["binary", "partial"], help="the warm-up's reward")
+    p.add_argument("--refresh-failures", type=int, default=None, metavar="N", help="r3: rebuild the failure set "
+                   "from the current policy every N R3 steps (0: once, as the paper; default 0, embedded model on "
+                   f"countdown: {EMBEDDED_COUNTDOWN['refresh_failures']})")
+    p.add_argument("--token-budget", type=int, default=0, help="end the run after the step whose sampled tokens "
+                   "bring its total to N (0: none); for comparisons at equal compute")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default 10; embedded model on "
+                   f"countdown: {EMBEDDED_COUNTDOWN['steps']})")
     p.add_argument("--train-size", type=int, default=64, help="training queries (first attempts sampled on these)")
     p.add_argument("--eval-size", type=int, default=32, help="held-out examples for the periodic eval")
     p.add_argument("--eval-every", type=int, default=10, help="steps between evals (0: never)")
@@ -97,13 +117,22 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="Re-ReST: samples per input")
     p.add_argument("--sft-epochs", type=int, default=3, help="Re-ReST: epochs of supervised fine-tuning (paper: 3)")
     args = p.parse_args(argv)
-    if args.quick:  # the preset fills only the flags the user did not give
-        words = sys.argv[1:] if argv is None else list(argv)
-        given = {act.dest for act in p._actions for opt in act.option_strings
-                 for w in words if w == opt or w.startswith(opt + "=")}
-        for name, value in QUICK.items():
-            if name not in given:
+    words = sys.argv[1:] if argv is None else list(argv)
+    given = {act.dest for act in p._actions for opt in act.option_strings
+             for w in words if w == opt or w.startswith(opt + "=")}
+    # The presets fill only the flags the user did not give; --quick's sizes win over the recipe's.
+    presets = ([QUICK] if args.quick else []) + ([EMBEDDED_COUNTDOWN] if args.model == DEFAULT_MODEL and
+                                                 args.task == "countdown" and args.method in ("r3", "grpo") else [])
+    for preset in presets:
+        for name, value in preset.items():
+            if name not in given and (args.method == "r3" or name not in R3_ONLY):
                 setattr(args, name, value)
+                given.add(name)
+    args.steps = 10 if args.steps is None else args.steps
+    if args.warmup_steps is None and args.method == "r3" and EMBEDDED_COUNTDOWN in presets:
+        args.warmup_steps = args.steps // 3
+    args.warmup_steps = args.warmup_steps or 0
+    args.refresh_failures = args.refresh_failures or 0
     if args.method == "score" and args.kl_beta is not None:
         p.error("--kl-beta is R3/GRPO's; SCoRe's KL coefficients are --beta1 and --beta2")
     validate(args)
@@ -125,7 +154,8 @@ LIMITS = f"""limits (checked before anything loads; a broken one is one error li
   --max-new-tokens, --reflect-tokens, --lora-r, --lora-alpha: at least 1
   --group-size: at least 2 for r3 and grpo, at least 1 otherwise
   --lr, --clip-eps: > 0; --temperature: > 0 (Re-ReST: >= 0); --kl-beta, --alpha, --beta1, --beta2,
-  --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps: >= 0
+  --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps, --warmup-steps,
+  --refresh-failures, --token-budget: >= 0; r3: --warmup-steps below --steps
   --out-dir: a directory that can be written; one run at a time (a lock); a fresh run refuses a directory
   that already holds a run's metrics or checkpoints (--resume it, or pick another --out-dir)
   data rows: at most {tasks.MAX_ROW_CHARS:,} characters each, and a prompt that fits the model's context
@@ -138,13 +168,20 @@ def validate(args):
     if a.group_size < 2 and rl_method:
         raise cli.UsageError(f"--group-size must be at least 2 for {a.method}: a group of one has no advantage "
                              f"(its reward minus its own mean), so nothing would be learned; got {a.group_size}")
+    if a.method != "r3" and (a.warmup_steps or a.refresh_failures):
+        raise cli.UsageError("--warmup-steps and --refresh-failures are R3's (its phases); "
+                             f"--method {a.method} has neither")
+    if a.method == "r3" and a.warmup_steps >= a.steps:
+        raise cli.UsageError(f"--warmup-steps {a.warmup_steps} leaves no R3 step of --steps {a.steps}")
+    if a.init_adapter:
+        resolve_adapter(a.init_adapter)  # a missing adapter fails now, not after the data and model load
     if a.temperature <= 0 and a.method != "rerest":
         raise cli.UsageError(f"--temperature must be > 0 for training: at {a.temperature} every sample of a "
                              "group is the same, so no group carries signal")
     at_least_1 = ["steps", "batch_size", "group_size", "micro_batch", "updates_per_batch", "save_every",
                   "train_size", "reflect_tokens", "k"]
     non_negative = ["eval_size", "eval_every", "sft_epochs", "alpha", "beta1", "beta2", "stage1_beta_t2",
-                    "temperature"]
+                    "temperature", "warmup_steps", "refresh_failures", "token_budget"]
     optional = [("max_new_tokens", 1), ("lora_r", 1), ("lora_alpha", 1)]  # None: the per-method default
     rules = [(name, getattr(a, name), getattr(a, name) >= 1, "at least 1") for name in at_least_1]
     rules += [(name, getattr(a, name), getattr(a, name) >= 0, ">= 0") for name in non_negative]
@@ -164,43 +201,50 @@ def validate(args):
 FAILURE_SET_TAG = 1 << 40  # a seed stream of its own for the failure set's first attempts
 
 
-def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int) -> list[dict]:
+def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int,
+                    at_step: int = 0) -> tuple[list[dict], int]:
     """R3's training set: the queries whose sampled first attempt fails, each with that attempt, in the
-    order of train. Cached in the run directory (with what made it) and reused by later runs that match."""
-    path = args.out_dir / "failures.jsonl"
+    order of train, sampled by the policy as it is after at_step steps (0: before training, the paper's);
+    and the tokens that sampling cost. Cached in the run directory (with what made it) and reused by
+    later runs that match, so a resumed run trains on the same set as an uninterrupted one."""
+    path = args.out_dir / ("failures.jsonl" if at_step == 0 else f"failures-step{at_step:06d}.jsonl")
     meta = {"model": args.model, "task": args.task, "source": args.source, "seed": args.seed,
-            "n": len(train), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+            "n": len(train), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+            "init_adapter": args.init_adapter, "at_step": at_step}
     cached = read_failures(path, meta, rank)
     if cached is not None:
         return cached
     mine = loop.my_share(list(range(len(train))), rank, size)
-    seeds = [mix_seed(args.seed, FAILURE_SET_TAG, i) for i in mine]  # by query, not by rank
-    with rollout.progress(f"failure set: first attempts on {len(train)} queries"):
+    seeds = [mix_seed(args.seed, FAILURE_SET_TAG + at_step, i) for i in mine]  # by query, not by rank
+    with rollout.progress(f"failure set: first attempts on {len(train)} queries (after step {at_step})"):
         turns = rollout.attempt(model, tok, args.task, [train[i] for i in mine], Gen(args.max_new_tokens,
                                 args.temperature, seed=seeds))
     rows = [(i, {"example": train[i], "attempt": t.text}) for i, t in zip(mine, turns) if not t.verdict.correct]
     rows = [row for _, row in sorted(rl.gather(rows), key=lambda r: r[0])]
+    tokens = sum(rl.gather([sum(len(t.ids) for t in turns)]))
     if rank == 0:
-        print(f"failure dataset: {len(rows)} of {len(train)} first attempts failed; cached in {path}")
+        print(f"failure set after step {at_step}: {len(rows)} of {len(train)} first attempts failed; "
+              f"cached in {path}")
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("\n".join(json.dumps(r) for r in [meta] + rows) + "\n")
+        tmp.write_text("\n".join(json.dumps(r) for r in [{**meta, "tokens": tokens}] + rows) + "\n")
         os.replace(tmp, path)
-    return rows
+    return rows, tokens
 
 
-def read_failures(path, meta: dict, rank: int) -> list[dict] | None:
-    """The cached failure set if it was made with meta, else None. It is a cache: a damaged one (a kill
+def read_failures(path, meta: dict, rank: int) -> tuple[list[dict], int] | None:
+    """The cached failure set and its token cost if it was made with meta, else None. It is a cache: a damaged one (a kill
     mid-write on another filesystem, an edit) is rebuilt, with a line saying so."""
     if not path.exists():
         return None
     try:
         lines = path.read_text().splitlines()
-        if json.loads(lines[0]) != meta:
+        head = json.loads(lines[0])
+        if {k: v for k, v in head.items() if k != "tokens"} != meta:
             return None
         rows = [json.loads(line) for line in lines[1:]]
         if all(isinstance(r, dict) and isinstance(r.get("example"), dict) and isinstance(r.get("attempt"), str)
-               for r in rows):
-            return rows
+               for r in rows) and isinstance(head.get("tokens", 0), int):
+            return rows, head.get("tokens", 0)
     except (ValueError, IndexError, OSError):
         pass
     if rank == 0:
@@ -233,13 +277,13 @@ def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
     return turns, [t.verdict for t in turns], {"tokens": sum(len(t.ids) for t in turns), "reflection_len": []}
 
 
-def train_step(model, tok, optimizer, args, cfg, queries, seeds):
+def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, reward_kind: str):
     """Sample, reward, and one GRPO update (DeepSeekMath eq. 3) on this rank's share of the batch."""
     t0 = time.perf_counter()
-    make = r3_samples if args.method == "r3" else grpo_samples
+    make = r3_samples if method == "r3" else grpo_samples
     turns, verdicts, info = make(model, tok, args, queries, seeds)
     t_sample = time.perf_counter() - t0
-    rewards = torch.tensor([loop.reward(v, args.reward) for v in verdicts])
+    rewards = torch.tensor([loop.reward(v, reward_kind) for v in verdicts])
     G = args.group_size
     advantages = rl.group_advantages(rewards, G)
     signal = rl.has_signal(rewards, G)
@@ -254,13 +298,46 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds):
             "sample_s": [t_sample], "step_s": [time.perf_counter() - t0], **loop.update_stats(stats)}
 
 
+def r3_phases(model, tok, optimizer, args, cfg, train: list[dict], rank: int, size: int):
+    """R3's run as (items, step_fn) for loop.train_loop. Steps before --warmup-steps are plain GRPO on
+    first attempts; the rest are R3 on the failure set, built after the warm-up and, with
+    --refresh-failures N, rebuilt every N R3 steps from the policy as it is then (the paper builds it
+    once, before training). Each phase follows from the step number, so --resume lands in the right one."""
+    warm, every, current = args.warmup_steps, args.refresh_failures, {}  # current: {built_at: (rows, tokens)}
+
+    def built_at(step: int) -> int:  # the step after which the failure set for `step` is sampled
+        return warm + ((step - warm) // every * every if every else 0)
+
+    def items(step: int) -> list[dict]:
+        if step < warm:
+            return [{"example": ex} for ex in train]
+        at = built_at(step)
+        if at not in current:
+            current.clear()  # one set in memory at a time
+            current[at] = failure_dataset(model, tok, args, train, rank, size, at)
+            if not current[at][0]:
+                raise cli.UsageError(f"after step {at} every first attempt passed: no failures to learn from "
+                                     "(try a harder --source)")
+        return current[at][0]
+
+    def step_fn(step: int, batch: list[dict], seeds: list[int]) -> dict:
+        phase = "warmup" if step < warm else "r3"
+        stats = train_step(model, tok, optimizer, args, cfg, batch, seeds, "grpo" if phase == "warmup" else "r3",
+                           args.warmup_reward if phase == "warmup" else args.reward)
+        # the failure set's sampling counts toward --token-budget, at the step that first uses the set
+        built = current[step][1] if phase == "r3" and step == built_at(step) and rank == 0 else 0
+        return {**stats, "phase": [phase], "extra_tokens": [built]}
+    return items, step_fn
+
+
 # ---------------------------------------------------------------------------------------------- the run
 
 def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
-    keys = ["method", "task", "source", "model", "steps", "batch_size", "group_size", "lr", "lora_r", "lora_alpha",
-            "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "skip_flat_groups"], "grpo": ["kl_beta", "skip_flat_groups"],
+    keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
+            "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
+    keys += {"r3": ["kl_beta", "reflect_tokens", "skip_flat_groups", "warmup_steps", "warmup_reward",
+                    "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]
     return "run: " + " ".join(f"{k}={getattr(args, k)}" for k in keys)
@@ -281,14 +358,15 @@ def main(argv=None):
     if args.method in ("score", "rerest"):
         (score if args.method == "score" else rerest).train(model, tok, optimizer, args, state, train, test)
     else:
-        queries = failure_dataset(model, tok, args, train, rank, size) if args.method == "r3" else \
-            [{"example": ex} for ex in train]
-        if not queries:
-            raise cli.UsageError("every first attempt passed: no failures to learn from (try a harder --source)")
         cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, args.updates_per_batch, args.micro_batch,
                               agg=args.loss_agg, temperature=args.temperature)
-        loop.train_loop(model, tok, optimizer, args, state, queries, test,
-                        lambda step, batch, seeds: train_step(model, tok, optimizer, args, cfg, batch, seeds))
+        if args.method == "r3":
+            items, step_fn = r3_phases(model, tok, optimizer, args, cfg, train, rank, size)
+        else:
+            items = [{"example": ex} for ex in train]
+            step_fn = lambda step, batch, seeds: train_step(model, tok, optimizer, args, cfg, batch,  # noqa: E731
+                                                            seeds, "grpo", args.reward)
+        loop.train_loop(model, tok, optimizer, args, state, items, test, step_fn)
     loop.close_trackers()
     if rank == 0:
         print(f"done: {args.out_dir}/metrics.jsonl, adapter in {rl.latest_checkpoint(args.out_dir)}/adapter")

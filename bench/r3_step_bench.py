@@ -216,7 +216,7 @@ def main(argv=None):
         train_argv = ["--model", str(model_dir)] + train_argv
     if own.load_in_4bit:
         train_argv = ["--4bit"] + train_argv
-    argv = ["--method", "r3"] + train_argv + ["--steps", str(own.warmup + own.steps), "--eval-every", "0",
+    argv = ["--method", "r3", "--warmup-steps", "0"] + train_argv + ["--steps", str(own.warmup + own.steps), "--eval-every", "0",
                                               "--save-every", str(10**9), "--out-dir", os.path.join(work, "run")]
     args = train_r3.parse_args(argv)
 
@@ -225,13 +225,13 @@ def main(argv=None):
         sample_failures = train_r3.failure_dataset
 
         def failure_dataset(*a, **kw):
-            rows = sample_failures(*a, **kw)
+            rows, tokens = sample_failures(*a, **kw)
             if os.path.exists(own.queries):
                 with open(own.queries) as f:
-                    return json.load(f)
+                    return json.load(f), tokens
             with open(own.queries, "w") as f:
                 json.dump(rows, f)
-            return rows
+            return rows, tokens
         train_r3.failure_dataset = failure_dataset
     clock = Clock()
     rollout.sample_turns = clock.wrap_sampling(rollout.sample_turns)

@@ -5,6 +5,7 @@ import pytest
 
 import datafiles
 import tasks
+import verifiers
 from cli import UsageError
 
 BUILTIN = [(task, source) for task in tasks.TASK_NAMES for source in tasks.SOURCES[task]]
@@ -232,9 +233,25 @@ def test_instructions_name_the_answer_format():
     formats = {"countdown": "<answer>", "function_calling": '"arguments"', "math": "\\boxed{}", "code": "```python"}
     for task, fmt in formats.items():
         assert fmt in tasks.first_attempt_messages(task, tasks.load_examples(task, "test", n=1)[0])[-1]["content"]
+        example = tasks.load_examples(task, "test", n=1)[0]
         assert fmt in tasks.retry_instruction(task) and fmt in tasks.correction_instruction(task)
+        assert fmt in tasks.retry_instruction(task, example)
         reflect = tasks.reflect_instruction(task)
-        assert "two or three sentences" in reflect and "not give the final answer" in reflect
+        assert "one or two sentences" in reflect and "not give the answer" in reflect
     assert "wrong numbers" in tasks.reflect_instruction("countdown")
     assert "wrong tool" in tasks.reflect_instruction("function_calling")
     assert "error" in tasks.correction_instruction("math")
+
+
+def test_countdown_prompts_agree_with_the_verifier_and_each_other():
+    """The question asks for what the verifier accepts (an expression: '=' is rejected), the system prompt
+    does not forbid the reflection's sentences, and the retry restates the question with its numbers."""
+    ex = {"nums": [3, 5, 7], "target": 22}
+    question = tasks.first_attempt_messages("countdown", ex)[-1]["content"]
+    assert "expression that equals 22" in question and "equation" not in question
+    assert not verifiers.countdown("<answer> 3 * 5 + 7 = 22 </answer>", ex).correct
+    assert verifiers.countdown("<answer> 3 * 5 + 7 </answer>", ex).correct
+    assert "Give only" not in tasks.SYSTEM["countdown"].split(".")[0]  # only when answering
+    retry = tasks.retry_instruction("countdown", ex)
+    assert "[3, 5, 7]" in retry and "22" in retry and question in retry
+    assert "different" in tasks.reflect_instruction("countdown")

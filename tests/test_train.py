@@ -38,7 +38,8 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(tasks, "verify", scripted_verify)
     run = tmp_path / method
     train_r3.main(small_args(tiny_model_dir, run, "--method", method, "--steps", "2", "--eval-every", "2"))
-    lines = read_metrics(run)
+    start, *lines = read_metrics(run)
+    assert start["step"] == 0 and start["kind"] == "eval" and {"acc_t1", "acc_t2"} <= start.keys()
     assert [r["step"] for r in lines] == [1, 2]
     assert all(0 <= r["reward"] <= 1 and r["tokens_per_s"] > 0 for r in lines)
     assert any(r["signal_frac"] > 0 and r["loss"] != 0 for r in lines)
@@ -53,8 +54,12 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
     assert any(v.abs().sum() > 0 for k, v in adapter_weights(run).items() if "lora_B" in k)
 
 
-def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path):
-    steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0"]
+@pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2"]], ids=["r3", "phases"])
+def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases):
+    """Killed after a checkpoint at step 3-5 and resumed: the uninterrupted run's steps, rewards, failure
+    sets and weights. With phases: GRPO warm-up steps 1-2, then R3 on a failure set built after step 2
+    and rebuilt after step 4, so the kill lands between a set's build and its rebuild."""
+    steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0", *phases]
     # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
     # uninterrupted runs were seen to drift apart by rounding within a few steps at this learning rate.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -89,6 +94,12 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path):
     ref = {rec["step"]: rec for rec in read_metrics(straight)}
     for step in range(1, 7):
         assert last[step]["reward"] == ref[step]["reward"], step
+        assert last[step].get("phase") == ref[step].get("phase"), step
+    if phases:
+        assert [ref[s]["phase"] for s in range(1, 7)] == ["warmup"] * 2 + ["r3"] * 4
+        sets = sorted(p.name for p in straight.glob("failures*.jsonl"))
+        assert sets == ["failures-step000002.jsonl", "failures-step000004.jsonl"]
+        assert all((killed / name).read_text() == (straight / name).read_text() for name in sets)
     a, b = adapter_weights(killed), adapter_weights(straight)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
@@ -203,7 +214,7 @@ def test_embedded_model_smoke_run(tmp_path):
                    "--max-new-tokens", "8", "--reflect-tokens", "8", "--group-size", "2", "--batch-size", "2",
                    "--eval-every", "2", "--out-dir", str(run)])
     lines = read_metrics(run)
-    assert [r["step"] for r in lines] == [1, 2] and "acc_t2" in lines[-1]
+    assert [r["step"] for r in lines] == [0, 1, 2] and "acc_t2" in lines[0] and "acc_t2" in lines[-1]
     assert (rl.latest_checkpoint(run) / "adapter" / "adapter_config.json").exists()
 
 
@@ -215,7 +226,44 @@ def test_every_task_runs_through_r3(tiny_model_dir, tmp_path, monkeypatch, task)
     train_r3.main(["--model", str(tiny_model_dir), "--task", task, "--train-size", "8", "--eval-size", "2",
                    "--max-new-tokens", "4", "--reflect-tokens", "4", "--group-size", "2", "--batch-size", "2",
                    "--lora-r", "4", "--steps", "1", "--eval-every", "1", "--out-dir", str(run)])
-    (line,) = read_metrics(run)
-    assert line["step"] == 1 and "acc_t2" in line
+    start, line = read_metrics(run)
+    assert (start["step"], line["step"]) == (0, 1) and "acc_t2" in line
     failures = [json.loads(x) for x in (run / "failures.jsonl").read_text().splitlines()[1:]]
     assert failures and all("id" in f["example"] for f in failures)
+
+
+def test_init_adapter_starts_from_the_saved_adapter_and_trains_it(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from peft import get_peft_model_state_dict
+    import loop
+    monkeypatch.setattr(tasks, "verify", scripted_verify)
+    first = tmp_path / "first"
+    train_r3.main(small_args(tiny_model_dir, first, "--method", "grpo", "--steps", "2", "--eval-every", "0"))
+    saved = adapter_weights(first)
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # a fresh LoRA-B is zero
+    model, *_ = loop.setup(train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "setup", "--init-adapter",
+                                                          str(first))))
+    start = get_peft_model_state_dict(model)
+    assert start.keys() == saved.keys() and all(torch.equal(start[k], saved[k]) for k in saved)
+    assert any(p.requires_grad for p in model.parameters())
+
+    second = tmp_path / "second"
+    train_r3.main(small_args(tiny_model_dir, second, "--method", "grpo", "--steps", "2", "--eval-every", "0",
+                             "--init-adapter", str(first), "--seed", "1"))
+    assert f"init_adapter={first}" in capsys.readouterr().out
+    trained = adapter_weights(second)
+    assert trained.keys() == saved.keys() and any(not torch.equal(trained[k], saved[k]) for k in saved)
+    assert any(r["signal_frac"] > 0 for r in read_metrics(second)), "want steps that train"
+
+
+def test_token_budget_ends_the_run_at_the_step_that_reaches_it(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(tasks, "verify", scripted_verify)
+    run = tmp_path / "budget"
+    argv = small_args(tiny_model_dir, run, "--method", "grpo", "--steps", "50", "--save-every", "50",
+                      "--eval-every", "0", "--token-budget", "100")
+    train_r3.main(argv)
+    lines = read_metrics(run)
+    totals = [r["tokens_total"] for r in lines]
+    assert 1 < len(lines) < 50 and totals == sorted(totals) and totals[-2] < 100 <= totals[-1]
+    assert rl.latest_checkpoint(run).name == f"ckpt-{len(lines):06d}"  # the last step is saved
+    train_r3.main(argv + ["--resume"])  # a finished budget trains no further
+    assert read_metrics(run) == lines

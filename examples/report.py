@@ -1,0 +1,147 @@
+"""The R3-vs-GRPO table and plot from eval.py's per-example results and the runs' metrics.
+
+    python examples/report.py --evals evals/r3-vs-grpo --runs runs/r3-vs-grpo --out docs/r3_vs_grpo
+
+Rows: the base model, the starting adapter, and each arm (a run directory name up to "-s<seed>", its
+seeds pooled). Every row is scored on the same held-out problems. 95% confidence intervals come from a
+bootstrap that resamples problems and, for arms with several seeds, seeds; the arm-vs-arm difference
+resamples the problems once for both arms (they saw the same problems), seeds separately.
+"""
+import argparse
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli  # noqa: E402
+
+METRICS = (("acc@t1", lambda t1, t2: t1), ("acc@t2", lambda t1, t2: t2), ("Δ", lambda t1, t2: t2 - t1),
+           ("Δ i→c", lambda t1, t2: (not t1) and t2), ("Δ c→i", lambda t1, t2: t1 and not t2))
+
+
+def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[bool, bool]]]]:
+    """{row label: {seed: {problem id: (right at try 1, right at try 2)}}} from every results file."""
+    rows = {}
+    for path in sorted(evals.glob("results-*.jsonl")):
+        lines = path.read_text().splitlines()
+        config = json.loads(lines[0])["config"]
+        adapter = config.get("adapter")
+        if adapter is None:
+            label, seed = "base model", 0
+        else:
+            run = next((p for p in Path(adapter).parents if p.parent == runs.resolve()), None)
+            if run is None:
+                continue
+            m = re.fullmatch(r"(.+)-s(\d+)", run.name)
+            label, seed = (m.group(1), int(m.group(2))) if m else (run.name, 0)
+        results = {}
+        for line in lines[1:]:
+            r = json.loads(line)
+            results[r["id"]] = (bool(r["t1"]["correct"]), bool(r["t2"]["correct"]))
+        rows.setdefault(label, {})[seed] = results
+    return rows
+
+
+def score(seeds: dict[int, dict], ids: list[str], pick_seeds: list[int], pick_ids: list[int]) -> dict[str, float]:
+    """Each metric's mean over the chosen seeds and problems (with repeats: a bootstrap sample)."""
+    out = {}
+    for name, fn in METRICS:
+        total = sum(fn(*seeds[s][ids[i]]) for s in pick_seeds for i in pick_ids)
+        out[name] = 100.0 * total / (len(pick_seeds) * len(pick_ids))
+    return out
+
+
+def bootstrap(arms: list[dict], ids: list[str], n_boot: int, rng: random.Random):
+    """n_boot resamples: problems drawn once per resample and shared by all arms, seeds per arm."""
+    draws = []
+    for _ in range(n_boot):
+        pick_ids = [rng.randrange(len(ids)) for _ in ids]
+        draws.append([score(a, ids, [rng.choice(sorted(a)) for _ in a], pick_ids) for a in arms])
+    return draws
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    v = sorted(values)
+    return v[int(0.025 * (len(v) - 1))], v[int(0.975 * (len(v) - 1))]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--evals", required=True, help="eval.py's --out directory")
+    p.add_argument("--runs", required=True, help="the directory holding the runs (start, r3-s1, grpo-s1, ...)")
+    p.add_argument("--out", required=True, help="output prefix: writes <out>.md and <out>.png")
+    p.add_argument("--order", default="base model,start,r3,grpo,score,rerest", help="row order (labels)")
+    p.add_argument("--compare", default="r3,grpo", help="two arms whose acc@t2 difference gets an interval")
+    p.add_argument("--bootstrap", type=int, default=2000)
+    args = p.parse_args(argv)
+    evals, runs, out = Path(args.evals), Path(args.runs), Path(args.out)
+    rows = read_evals(evals, runs)
+    if not rows:
+        raise cli.UsageError(f"{evals}: no eval results of runs in {runs}")
+    ids = sorted(set.intersection(*(set(r) for seeds in rows.values() for r in seeds.values())))
+    order = [x for x in args.order.split(",") if x in rows] + sorted(set(rows) - set(args.order.split(",")))
+    arms = [rows[label] for label in order]
+    draws = bootstrap(arms, ids, args.bootstrap, random.Random(0))
+    lines = [f"{len(ids)} held-out problems, greedy, two tries (a failed first try: reflection, then retry); "
+             f"95% bootstrap intervals over problems and seeds ({args.bootstrap} resamples). Accuracies in %.", "",
+             "| row | seeds | " + " | ".join(name for name, _ in METRICS) + " |",
+             "|---|---|" + "---|" * len(METRICS)]
+    for k, label in enumerate(order):
+        point = score(arms[k], ids, sorted(arms[k]), list(range(len(ids))))
+        cells = []
+        for name, _ in METRICS:
+            lo, hi = interval([d[k][name] for d in draws])
+            cells.append(f"{point[name]:.1f} [{lo:.1f}, {hi:.1f}]")
+        lines.append(f"| {label} | {len(arms[k])} | " + " | ".join(cells) + " |")
+    a, b = args.compare.split(",")
+    if a in rows and b in rows:
+        ka, kb = order.index(a), order.index(b)
+        for name in ("acc@t1", "acc@t2"):
+            diff = score(arms[ka], ids, sorted(arms[ka]), list(range(len(ids))))[name] - \
+                score(arms[kb], ids, sorted(arms[kb]), list(range(len(ids))))[name]
+            lo, hi = interval([d[ka][name] - d[kb][name] for d in draws])
+            verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
+            lines += ["", f"{a} − {b}, {name}: {diff:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] ({verdict})"]
+    table = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    plot(runs, order, out.with_suffix(".png"))
+
+
+def plot(runs: Path, order: list[str], path: Path):
+    """Training curves against sampled tokens: the fraction of sampled answers that pass (R3: retries)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {}
+    for run in sorted(runs.iterdir()):
+        metrics = run / "metrics.jsonl"
+        if not metrics.is_file():
+            continue
+        label = re.sub(r"-s\d+$", "", run.name)
+        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+        train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r]
+        if not train:
+            continue
+        color = colors.setdefault(label, f"C{len(colors)}")
+        x = [r["tokens_total"] for r in train]
+        for ax, key in zip(axes, ("solved", "signal_frac")):
+            ax.plot(x, [r.get(key, 0.0) for r in train], color=color, alpha=0.7,
+                    label=label if run.name.endswith(("-s1", "start")) or label == run.name else None)
+    for ax, title in zip(axes, ("training: fraction of sampled answers that pass", "groups with signal")):
+        ax.set_title(title)
+        ax.set_xlabel("sampled tokens")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    cli.run(main)
