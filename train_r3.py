@@ -9,12 +9,15 @@
 R3, per step: take failed first attempts from the failure dataset; sample a group of G reflections
 for each; retry once after each reflection; reward = the verifier on the retry; GRPO on the
 reflection tokens only. GRPO: sample G first attempts; reward = the verifier; GRPO on the attempts.
+Ours, not the paper's (flags; on by default only for the embedded model on countdown, EMBEDDED_COUNTDOWN):
+a GRPO warm-up before the R3 steps, and a failure set rebuilt as the policy improves.
 """
 import argparse
 import json
 import os
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -43,8 +46,8 @@ QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, 
 # Countdown problem, so no retry passes and no group has signal: the easy source, a short GRPO warm-up
 # with partial credit, and a failure set rebuilt as the policy improves. Hub models keep the paper's setting.
 # Its warm-up is a third of --steps (10 of 30).
-EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 30, "refresh_failures": 5, "lr": 2e-4, "max_new_tokens": 24,
-                      "reflect_tokens": 32, "temperature": 0.7}
+EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "reward": "partial", "lr": 2e-4,
+                      "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12}
 R3_ONLY = {"warmup_steps", "refresh_failures"}
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
@@ -149,7 +152,13 @@ def parse_args(argv=None):
     return args
 
 
-LIMITS = f"""limits (checked before anything loads; a broken one is one error line, exit code 2):
+RECIPE = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_COUNTDOWN.items())
+LIMITS = textwrap.fill(f"the embedded model on countdown (--method r3 or grpo) has its own defaults for the flags "
+                       f"you do not give, a recipe in which R3 gets signal on a CPU (README): {RECIPE}; for r3 also "
+                       "--warmup-steps a third of --steps. Any other --model keeps the defaults above.", 100,
+                       break_on_hyphens=False) + f"""
+
+limits (checked before anything loads; a broken one is one error line, exit code 2):
   --steps, --batch-size, --micro-batch, --updates-per-batch, --save-every, --train-size, --k,
   --max-new-tokens, --reflect-tokens, --lora-r, --lora-alpha: at least 1
   --group-size: at least 2 for r3 and grpo, at least 1 otherwise

@@ -40,8 +40,31 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
         for line in lines[1:]:
             r = json.loads(line)
             results[r["id"]] = (bool(r["t1"]["correct"]), bool(r["t2"]["correct"]))
+            RECORDS.setdefault(label, {}).setdefault(seed, []).append(r)
         rows.setdefault(label, {})[seed] = results
     return rows
+
+
+RECORDS = {}  # {label: {seed: [eval.py's per-example records]}}, for the repeats column and the samples
+
+
+def repeats(label: str) -> str:
+    """Of the failed first tries, the share whose second try is the same text (the retry repeated it)."""
+    failed = [r for records in RECORDS[label].values() for r in records if not r["t1"]["correct"]]
+    same = sum(r["t2"]["text"].strip() == r["t1"]["text"].strip() for r in failed)
+    return f"{100.0 * same / len(failed):.0f}% of {len(failed)}" if failed else "—"
+
+
+def samples(label: str, k: int = 4) -> list[str]:
+    """The first k failed first tries of the label's lowest seed: first try, reflection, retry, verdicts."""
+    seed = min(RECORDS[label])
+    out = []
+    for r in [r for r in RECORDS[label][seed] if not r["t1"]["correct"]][:k]:
+        text = lambda s: " ".join(s.split())[:160].replace("|", "\\|")  # noqa: E731
+        out.append(f"| {r['id']} | {text(r['t1']['text'])} ({r['t1']['error']}) | "
+                   f"{text((r.get('reflection') or {}).get('text', ''))} | {text(r['t2']['text'])} "
+                   f"({'right' if r['t2']['correct'] else r['t2']['error']}) |")
+    return out
 
 
 def score(seeds: dict[int, dict], ids: list[str], pick_seeds: list[int], pick_ids: list[int]) -> dict[str, float]:
@@ -86,15 +109,16 @@ def main(argv=None):
     draws = bootstrap(arms, ids, args.bootstrap, random.Random(0))
     lines = [f"{len(ids)} held-out problems, greedy, two tries (a failed first try: reflection, then retry); "
              f"95% bootstrap intervals over problems and seeds ({args.bootstrap} resamples). Accuracies in %.", "",
-             "| row | seeds | " + " | ".join(name for name, _ in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+             "| row | seeds | " + " | ".join(name for name, _ in METRICS) + " | retry = first try | sampled tokens |",
+             "|---|---|" + "---|" * (len(METRICS) + 2)]
     for k, label in enumerate(order):
         point = score(arms[k], ids, sorted(arms[k]), list(range(len(ids))))
         cells = []
         for name, _ in METRICS:
             lo, hi = interval([d[k][name] for d in draws])
             cells.append(f"{point[name]:.1f} [{lo:.1f}, {hi:.1f}]")
-        lines.append(f"| {label} | {len(arms[k])} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | {len(arms[k])} | " + " | ".join(cells) + f" | {repeats(label)} | "
+                     f"{train_tokens(runs, label)} |")
     a, b = args.compare.split(",")
     if a in rows and b in rows:
         ka, kb = order.index(a), order.index(b)
@@ -104,11 +128,27 @@ def main(argv=None):
             lo, hi = interval([d[ka][name] - d[kb][name] for d in draws])
             verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
             lines += ["", f"{a} − {b}, {name}: {diff:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] ({verdict})"]
+    lines += ["", "\"retry = first try\": of the failed first tries, the share whose second try repeated it word "
+              "for word. \"sampled tokens\": the training run's, mean over seeds (R3: failure sets included).", ""]
+    for label in [x for x in args.compare.split(",") if x in rows]:
+        lines += [f"Samples, {label} (seed {min(RECORDS[label])}), the first failed first tries:", "",
+                  "| problem | first try | reflection | retry |", "|---|---|---|---|", *samples(label), ""]
     table = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
     print(table)
     plot(runs, order, out.with_suffix(".png"))
+
+
+def train_tokens(runs: Path, label: str) -> str:
+    """Mean sampled tokens of the label's training runs (the last metrics line's tokens_total)."""
+    totals = []
+    for run in runs.iterdir():
+        if run.name == label or re.fullmatch(re.escape(label) + r"-s\d+", run.name):
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()] \
+                if (run / "metrics.jsonl").is_file() else []
+            totals += [r["tokens_total"] for r in lines[-1:] if "tokens_total" in r]
+    return f"{sum(totals) / len(totals):,.0f}" if totals else "—"
 
 
 def plot(runs: Path, order: list[str], path: Path):
@@ -127,11 +167,11 @@ def plot(runs: Path, order: list[str], path: Path):
         train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r]
         if not train:
             continue
+        first = label not in colors
         color = colors.setdefault(label, f"C{len(colors)}")
         x = [r["tokens_total"] for r in train]
         for ax, key in zip(axes, ("solved", "signal_frac")):
-            ax.plot(x, [r.get(key, 0.0) for r in train], color=color, alpha=0.7,
-                    label=label if run.name.endswith(("-s1", "start")) or label == run.name else None)
+            ax.plot(x, [r.get(key, 0.0) for r in train], color=color, alpha=0.7, label=label if first else None)
     for ax, title in zip(axes, ("training: fraction of sampled answers that pass", "groups with signal")):
         ax.set_title(title)
         ax.set_xlabel("sampled tokens")

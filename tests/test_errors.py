@@ -81,9 +81,10 @@ def steps(run_dir) -> list[int]:
     (["--steps", "1"], "beyond --steps 1"),  # the checkpoint is at step 2: nothing would be trained
     (["--lora-r", "8"], "--lora-r 4"), (["--model", "OTHER"], "--model"),  # --resume with another model/LoRA
     (["--warmup-steps", "-1"], "--warmup-steps"), (["--refresh-failures", "-1"], "--refresh-failures"),
-    (["--token-budget", "-5"], "--token-budget"), (["--warmup-steps", "3", "--steps", "3"], "leaves no R3 step"),
-    (["--method", "grpo", "--warmup-steps", "2"], "are R3's"), (["--init-adapter", "/no/such/run"], "no adapter at"),
-    (["--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0, not --warmup-steps 1"),  # a run's phases stay
+    (["--token-budget", "-5"], "--token-budget"), (["--init-adapter", "/no/such/run"], "no adapter at"),
+    (["--method", "r3", "--warmup-steps", "3", "--steps", "3"], "leaves no R3 step"),
+    (["--warmup-steps", "2"], "are R3's"),  # the finished run is GRPO's
+    (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
 ])
 def test_train_flags(flags, message, finished_run, tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"

@@ -1,0 +1,50 @@
+"""examples/report.py: the R3-vs-GRPO table from eval.py's result files, with bootstrap intervals."""
+import json
+import sys
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "examples"))
+import report  # noqa: E402
+
+
+def write_eval(evals, name, adapter, outcomes):
+    """An eval.py results file: the header line, then one record per problem (first try, second try)."""
+    lines = [json.dumps({"config": {"adapter": adapter}})]
+    for i, (t1, t2) in enumerate(outcomes):
+        lines.append(json.dumps({"id": f"p{i}", "t1": {"correct": t1, "error": None if t1 else "missed_target",
+                                                     "text": "<answer> 1 + 2 </answer>"},
+                                 "t2": {"correct": t2, "error": None if t2 else "format",
+                                        "text": "<answer> 1 + 2 </answer>" if not t2 else "<answer> 3 </answer>"},
+                                 "reflection": None if t1 else {"text": "use * instead"}}))
+    (evals / f"results-{name}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_table_rows_intervals_and_the_arm_difference(tmp_path):
+    evals, runs = tmp_path / "evals", tmp_path / "runs"
+    evals.mkdir()
+    for run in ("start", "r3-s1", "r3-s2", "grpo-s1", "grpo-s2"):
+        (runs / run / "ckpt-000001" / "adapter").mkdir(parents=True)
+        (runs / run / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train", "solved": 0.5,
+                                                              "signal_frac": 1.0, "tokens_total": 1000}) + "\n")
+    n = 200
+    write_eval(evals, "base", None, [(False, False)] * n)
+    write_eval(evals, "start", str(runs / "start/ckpt-000001/adapter"), [(i < 20, i < 20) for i in range(n)])
+    for s in (1, 2):  # r3 fixes 60 more problems at the second try; grpo fixes none
+        write_eval(evals, f"r3{s}", str(runs / f"r3-s{s}/ckpt-000001/adapter"), [(i < 20, i < 80) for i in range(n)])
+        write_eval(evals, f"g{s}", str(runs / f"grpo-s{s}/ckpt-000001/adapter"), [(i < 20, i < 20) for i in range(n)])
+    report.main(["--evals", str(evals), "--runs", str(runs), "--out", str(tmp_path / "out"), "--bootstrap", "300"])
+    table = (tmp_path / "out.md").read_text()
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    assert rows["base model"].startswith("| base model | 1 | 0.0 [0.0, 0.0] | 0.0 [0.0, 0.0]")
+    assert "| r3 | 2 | 10.0 [" in rows["r3"] and "| 40.0 [" in rows["r3"] and "| 30.0 [" in rows["r3"]
+    assert rows["grpo"].split(" | ")[3].startswith("10.0 [")
+    assert "r3 − grpo, acc@t2: +30.0 points" in table and "(excludes 0)" in table
+    assert "r3 − grpo, acc@t1: +0.0 points, 95% interval [+0.0, +0.0] (includes 0)" in table
+    assert "100% of 360" in rows["grpo"] and "1,000" in rows["r3"]  # every failed retry repeated the first try
+    assert (tmp_path / "out.png").stat().st_size > 0
+
+
+def test_interval_is_the_middle_95_percent():
+    lo, hi = report.interval(list(range(1001)))
+    assert (lo, hi) == (25, 975)
