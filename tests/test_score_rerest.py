@@ -118,7 +118,9 @@ def run_args(model_dir, out_dir, method, *extra):
 
 
 def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The training lines (not the held-out eval before the first step, "kind": "eval")."""
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r.get("kind") != "eval"]
 
 
 def adapter_weights(run_dir):
@@ -141,6 +143,8 @@ def script_verdicts(monkeypatch):
 def test_score_smoke_then_resume_in_stage_two(tiny_model_dir, tmp_path):
     run = tmp_path / "score"
     train_r3.main(run_args(tiny_model_dir, run, "score", "--stage1-steps", "1"))
+    start = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["step"] == 0 and start["kind"] == "eval" and {"acc_t1", "acc_t2"} <= start.keys()
     lines = read_metrics(run)
     assert [(r["step"], r["kind"], r["stage"]) for r in lines] == [(1, "train", 1), (2, "train", 2)]
     for key in ("reward", "train_acc_t1", "train_acc_t2", "train_i2c", "train_c2i", "kl", "loss", "signal_frac"):
@@ -162,7 +166,8 @@ def test_score_smoke_then_resume_in_stage_two(tiny_model_dir, tmp_path):
 def test_score_scripted_verdicts_update_the_adapter(tiny_model_dir, tmp_path, monkeypatch):
     script_verdicts(monkeypatch)
     run = tmp_path / "score-scripted"
-    train_r3.main(run_args(tiny_model_dir, run, "score", "--stage1-steps", "1", "--lr", "1e-2"))
+    # no evals: they would take verdicts from the script before the first step
+    train_r3.main(run_args(tiny_model_dir, run, "score", "--stage1-steps", "1", "--lr", "1e-2", "--eval-every", "0"))
     lines = read_metrics(run)
     assert [r["stage"] for r in lines] == [1, 2]
     assert all(r["signal_frac"] > 0 and r["grad_norm"] > 0 for r in lines)
@@ -185,8 +190,9 @@ def test_rerest_epoch_covers_every_item_once_across_ranks(n_items, batch_size, s
 def test_rerest_defaults_are_the_official_ones_and_others_keep_theirs():
     a = train_r3.parse_args(["--method", "rerest"])
     assert (a.lora_r, a.lora_alpha, a.lora_targets, a.lr) == (8, 16, "qv", 3e-4)
-    b = train_r3.parse_args(["--method", "r3"])
+    b = train_r3.parse_args(["--method", "r3", "--task", "math"])
     assert (b.lora_r, b.lora_alpha, b.lora_targets, b.lr, b.kl_beta) == (16, None, "all", 1e-4, 0.001)
+    assert train_r3.parse_args(["--method", "r3"]).lr == 2e-4  # the embedded model's countdown recipe
     c = train_r3.parse_args(["--method", "rerest", "--lora-r", "4", "--lr", "1e-3"])
     assert (c.lora_r, c.lr) == (4, 1e-3)
 

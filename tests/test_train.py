@@ -160,8 +160,10 @@ def test_torchrun_two_ranks_train_the_same_model_as_one_process(tiny_model_dir, 
     one, two = tmp_path / "one", tmp_path / "two"
     run_script(small_args(tiny_model_dir, one, *flags), env)
     run_script(small_args(tiny_model_dir, two, *flags), env, ranks=2, port=port)
-    lines, ref = read_metrics(two), read_metrics(one)
+    (start_two, *lines), (start_one, *ref) = read_metrics(two), read_metrics(one)
     assert [rec["step"] for rec in lines] == [1, 2, 3]  # rank 0 logs once per step
+    assert start_two["step"] == start_one["step"] == 0  # the eval before the first step, shared out over ranks
+    assert (start_two["acc_t1"], start_two["acc_t2"]) == (start_one["acc_t1"], start_one["acc_t2"])
     assert any(rec["signal_frac"] > 0 for rec in ref), "want steps that train"
     for a, b in zip(lines, ref):
         assert a["reward"] == b["reward"] and a["solved"] == b["solved"] and a["signal_frac"] == b["signal_frac"]
