@@ -36,6 +36,8 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
                 continue
             m = re.fullmatch(r"(.+)-s(\d+)", run.name)
             label, seed = (m.group(1), int(m.group(2))) if m else (run.name, 0)
+        if len(lines) < 2:  # an eval that was started and stopped before its first chunk
+            continue
         results = {}
         for line in lines[1:]:
             r = json.loads(line)
