@@ -89,14 +89,14 @@ def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, te
         return completion_logprobs(model, ids, attn, comp.shape[1], temperature), comp
     from transformers import DynamicCache
 
-    from sample import common_prefix_len
+    import sample
     prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
     which = torch.tensor([prompts.index(tuple(s.prompt_ids)) for s in samples], device=device)
     C = max(len(s.completion_ids) for s in samples)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
     cache = DynamicCache()
     # the common prefix, run once at batch 1
-    L = common_prefix_len(prompts) if len(prompts) > 1 else 0
+    L = sample.common_prefix_len(prompts) if len(prompts) > 1 and sample.REUSE else 0
     if L:
         model(input_ids=t([prompts[0][:L]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
         for layer in cache.layers:  # a view per prompt, no copy: the next forward concatenates onto it

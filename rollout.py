@@ -8,8 +8,9 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import sample
 import tasks
-from sample import mix_seed, generate
+from sample import generate, mix_seed, trim_past
 
 _bar = None  # the token bar of the innermost progress() block; sample_turns feeds it
 
@@ -27,11 +28,6 @@ def progress(desc: str, leave: bool = True):
     finally:
         _bar.close()
         _bar = outer
-
-
-# KV reuse: prompts' common prefix prefilled once, and a conversation's next turn continuing the cache
-# of its previous one. False: every turn prefilled from scratch (benchmarks compare the two).
-REUSE = True
 
 
 @dataclass
@@ -87,9 +83,10 @@ def take_pasts(turns: list[Turn]) -> list:
 def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int = 1, pasts: list | None = None,
                  keep: bool = False) -> list[Turn]:
     """n sampled replies to each conversation, prompt-major, in chunks of gen.batch_size prompts.
-    pasts[k]: the kept cache of conversation k's previous turn (take_pasts), continued where the
-    conversation's tokens extend it (else, e.g. when the template re-tokenizes a reply differently,
-    that row is prefilled from scratch: prompt_ids are always the tokens the model conditioned on).
+    pasts[k]: the kept cache of conversation k's previous turn (take_pasts), continued from the longest
+    prefix it shares with the conversation's tokens (all of it, unless the template re-tokenizes the end
+    of a reply differently; then from the first differing token): prompt_ids are always the tokens
+    the model conditioned on.
     keep: each turn keeps its cache (turn.past) for a next turn."""
     from model import stop_token_ids
     stops = stop_token_ids(tok)
@@ -97,19 +94,18 @@ def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int =
     seeds = gen.seed if gen.seed is None or isinstance(gen.seed, list) else \
         [gen.seed + k for k in range(len(prompts))]
     assert seeds is None or len(seeds) == len(prompts), "one seed per conversation"
-    pasts = list(pasts) if pasts is not None and REUSE else [None] * len(prompts)
+    pasts = list(pasts) if pasts is not None and sample.REUSE else [None] * len(prompts)
     turns = []
     for start in range(0, len(prompts), gen.batch_size):
         end = start + gen.batch_size
         chunk = prompts[start:end]
-        past = [p if p is not None and len(q) > len(p.ids) and q[:len(p.ids)] == p.ids else None
-                for p, q in zip(pasts[start:end], chunk)]
+        past = [trim_past(p, q) for p, q in zip(pasts[start:end], chunk)]
         pasts[start:end] = [None] * len(chunk)  # freed as soon as they are in this chunk's batch
         outs = generate(model, chunk, n=n, max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                         top_p=gen.top_p, stop_token_ids=stops, seed=None if seeds is None else seeds[start:end],
-                        pad_token_id=tok.pad_token_id, past=past if any(past) else None, share_prefix=REUSE,
-                        keep=keep and REUSE, on_tokens=None if _bar is None else _bar.update)
-        outs, kept = outs if keep and REUSE else (outs, [None] * len(outs))
+                        pad_token_id=tok.pad_token_id, past=past if any(past) else None, share_prefix=sample.REUSE,
+                        keep=keep and sample.REUSE, on_tokens=None if _bar is None else _bar.update)
+        outs, kept = outs if keep and sample.REUSE else (outs, [None] * len(outs))
         for i, (ids, p) in enumerate(zip(outs, kept)):
             j = start + i // n
             turns.append(Turn(conversations[j], prompts[j], ids, tok.decode(ids, skip_special_tokens=True), past=p))

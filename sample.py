@@ -32,6 +32,12 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
+# KV reuse, the switch: prompts' common prefix prefilled once (here and in rl.shared_prompt_logprobs),
+# and a conversation's next turn continuing its previous turn's cache (rollout). False: every prompt
+# is run from scratch (the benchmarks compare the two in one run).
+REUSE = True
+
+
 @dataclass
 class Past:
     """The keys and values of one sequence, `ids`, per layer ([1, kv heads, len(ids), head dim] each):
@@ -118,6 +124,21 @@ def prefill(model, prompts: list[list[int]], pasts: list[Past | None], pad_token
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)[:, width:],
                    past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return cache, mask, logits
+
+
+def trim_past(past: Past | None, prompt: list[int]) -> Past | None:
+    """The part of `past` that `prompt` starts with, leaving the prompt at least one token of its own;
+    None if they share nothing. Attention is causal, so a prefix's keys and values are the start of the
+    longer sequence's: a next turn whose template re-tokenizes the end of a reply differently still
+    reuses everything before the first differing token (views, no copy)."""
+    if past is None:
+        return None
+    shared = min(len(os.path.commonprefix([past.ids, list(prompt)])), len(prompt) - 1)
+    if shared == len(past.ids):
+        return past
+    if shared == 0:
+        return None
+    return Past(past.ids[:shared], [k[:, :, :shared] for k in past.keys], [v[:, :, :shared] for v in past.values])
 
 
 def common_prefix_len(prompts: list[list[int]]) -> int:

@@ -1,5 +1,5 @@
 """Where an R3 step's time goes: first attempts (the failure set), reflections, retries, the update;
-and what KV reuse (rollout.REUSE) saves.
+and what KV reuse (sample.REUSE) saves.
 
     python bench/r3_step_bench.py [--steps 3] [--warmup 1] [--rewards random] [--reuse both] [-- <train_r3.py flags>]
     python bench/r3_step_bench.py --model-config qwen2.5-1.5b --random-weights [--4bit]   # on a GPU
@@ -17,7 +17,7 @@ group carries signal and every step runs the update (the cost measured is the fu
 sampling phases, trained (reflection) tokens for the update. --json prints one JSON line as well.
 
 --reuse both (the default) runs the bench twice, each in its own process so that its peak memory is its
-own: KV reuse off, then on (rollout.REUSE), with the same seeds and the same failed queries (the second
+own: KV reuse off, then on (sample.REUSE), with the same seeds and the same failed queries (the second
 run samples its first attempts too, timed, then takes the first run's failure set), and prints the two
 side by side with the line "R3 step speed-up from KV reuse: X.XX×". --reuse on / off: one run.
 """
@@ -49,7 +49,8 @@ class Clock:
         import torch
         self.cuda = torch.cuda.is_available()
         self.torch = torch
-        self.records = []          # (step or None, phase, seconds, tokens)
+        self.records = []          # (step or None, phase, seconds, tokens, of which prefill seconds)
+        self.prefill_s = 0.0       # sample.prefill's time in the sampling call running now
         self.steps = []            # {"step_s": .., "peak_gb": ..}
         self.step = None           # the step running now (None: outside train_step)
         self.in_step = []          # sampling phases seen in this step, in call order
@@ -62,7 +63,7 @@ class Clock:
     def wrap_sampling(self, fn):
         @functools.wraps(fn)
         def sample_turns(*args, **kwargs):
-            t = self.now()
+            t, self.prefill_s = self.now(), 0.0
             turns = fn(*args, **kwargs)
             dt = self.now() - t
             if self.step is None:
@@ -70,16 +71,27 @@ class Clock:
             else:  # reflect_and_retry samples the reflections, then the retries
                 phase = ("reflections", "retries")[min(len(self.in_step), 1)]
                 self.in_step.append(phase)
-            self.records.append((self.step, phase, dt, sum(len(x.ids) for x in turns)))
+            self.records.append((self.step, phase, dt, sum(len(x.ids) for x in turns), self.prefill_s))
             return turns
         return sample_turns
+
+    def wrap_prefill(self, fn):
+        """sample.prefill: the prompt tokens' forward passes (the common prefix, each row's own tokens);
+        the rest of a sampling call is decoding, one token per live row per forward."""
+        @functools.wraps(fn)
+        def prefill(*args, **kwargs):
+            t = self.now()
+            out = fn(*args, **kwargs)
+            self.prefill_s += self.now() - t
+            return out
+        return prefill
 
     def wrap_update(self, fn):
         @functools.wraps(fn)
         def update(model, optimizer, samples, *args, **kwargs):
             t = self.now()
             out = fn(model, optimizer, samples, *args, **kwargs)
-            self.records.append((self.step, "update", self.now() - t, sum(len(s.completion_ids) for s in samples)))
+            self.records.append((self.step, "update", self.now() - t, sum(len(s.completion_ids) for s in samples), 0.0))
             return out
         return update
 
@@ -94,7 +106,7 @@ class Clock:
             dt, cpu = self.now() - t, time.process_time() - cpu
             peak = self.torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
             inside = sum(r[2] for r in self.records if r[0] == self.step)
-            self.records.append((self.step, "other", dt - inside, 0))
+            self.records.append((self.step, "other", dt - inside, 0, 0.0))
             self.steps.append({"step_s": dt, "cpu_s": cpu, "peak_gb": peak, "signal": out.get("signal", [])})
             self.step = None
             return out
@@ -107,31 +119,36 @@ def summarize(clock: Clock, warmup: int) -> dict:
     for phase in PHASES:
         if phase == "first attempts":
             recs = [r for r in clock.records if r[1] == phase]
-            secs, toks = sum(r[2] for r in recs), sum(r[3] for r in recs)
+            secs, toks, pre = sum(r[2] for r in recs), sum(r[3] for r in recs), sum(r[4] for r in recs)
         else:
             per = [[r for r in clock.records if r[0] == s and r[1] == phase] for s in timed]
             secs = statistics.median(sum(r[2] for r in p) for p in per) if per else 0.0
             toks = statistics.median(sum(r[3] for r in p) for p in per) if per else 0
-        rows[phase] = {"s": secs, "tokens": toks, "tok_s": toks / secs if secs > 0 and toks else None}
+            pre = statistics.median(sum(r[4] for r in p) for p in per) if per else 0.0
+        rows[phase] = {"s": secs, "tokens": toks, "tok_s": toks / secs if secs > 0 and toks else None, "prefill_s": pre}
     steps = [clock.steps[s] for s in timed]
+    # a step's prefill: its reflections' and retries' (per step, then the median, like the step)
+    prefill = [sum(r[4] for r in clock.records if r[0] == s) for s in timed]
     peaks = [s["peak_gb"] for s in steps if s["peak_gb"] is not None]
     signal = [x for s in steps for x in s["signal"]]
     return {"phases": rows, "step_s": statistics.median(s["step_s"] for s in steps) if steps else 0.0,
             "step_cpu_s": statistics.median(s["cpu_s"] for s in steps) if steps else 0.0,
+            "step_prefill_s": statistics.median(prefill) if prefill else 0.0,
             "peak_gb": max(peaks) if peaks else None, "signal_frac": sum(signal) / len(signal) if signal else None,
             "timed_steps": len(steps)}
 
 
 def print_table(result: dict, title: str):
     print(f"\n{title}\n")
-    print("| phase | seconds | tokens | tokens/s | share of step |")
-    print("|---|---|---|---|---|")
+    print("| phase | seconds | of which prefill | tokens | tokens/s | share of step |")
+    print("|---|---|---|---|---|---|")
     for phase, row in result["phases"].items():
         share = "(once per run)" if phase == "first attempts" else f"{100 * row['s'] / result['step_s']:.0f}%"
         tok_s = f"{row['tok_s']:.0f}" if row["tok_s"] else "-"
-        print(f"| {phase} | {row['s']:.2f} | {row['tokens']:.0f} | {tok_s} | {share} |")
+        pre = f"{row['prefill_s']:.2f}" if phase not in ("update", "other") else ""
+        print(f"| {phase} | {row['s']:.2f} | {pre} | {row['tokens']:.0f} | {tok_s} | {share} |")
     peak = f", peak GPU memory {result['peak_gb']:.2f} GiB" if result["peak_gb"] is not None else ""
-    print(f"| **step (reflections .. other)** | **{result['step_s']:.2f}** | | | 100% |")
+    print(f"| **step (reflections .. other)** | **{result['step_s']:.2f}** | {result['step_prefill_s']:.2f} | | | 100% |")
     print(f"\nmedian of {result['timed_steps']} steps; groups with signal {result['signal_frac']}{peak}")
 
 
@@ -183,6 +200,10 @@ def compare(own, train_argv) -> dict:
     for phase in PHASES:
         a, b = off["phases"][phase]["s"], on["phases"][phase]["s"]
         print(f"| {phase} s | {a:.2f} | {b:.2f} | {a / b:.2f}× |" if b > 0 else f"| {phase} s | {a:.2f} | {b:.2f} | - |")
+        if phase in ("first attempts", "reflections", "retries"):
+            a, b = off["phases"][phase]["prefill_s"], on["phases"][phase]["prefill_s"]
+            print(f"| ... of which prefill s | {a:.2f} | {b:.2f} | {a / b:.2f}× |" if b > 0 else
+                  f"| ... of which prefill s | {a:.2f} | {b:.2f} | - |")
     print(f"| **step s** | **{off['step_s']:.2f}** | **{on['step_s']:.2f}** | **{off['step_s'] / on['step_s']:.2f}×** |")
     # CPU seconds (all threads) of the process: less sensitive than wall time to other load on the machine
     print(f"| step CPU s | {off['step_cpu_s']:.2f} | {on['step_cpu_s']:.2f} | {off['step_cpu_s'] / on['step_cpu_s']:.2f}× |")
@@ -190,7 +211,12 @@ def compare(own, train_argv) -> dict:
         if off.get(key) is not None:
             print(f"| {label} | {off[key]:.2f} | {on[key]:.2f} | |")
     print(f"\nR3 step speed-up from KV reuse: {off['step_s'] / on['step_s']:.2f}×", flush=True)
-    result = {"off": off, "on": on, "speedup": off["step_s"] / on["step_s"]}
+    # Amdahl: reuse removes prefill only, so even a step whose reflections and retries had no prefill at
+    # all would still decode and update. This bounds what any prefill saving can give at these settings.
+    floor = on["step_s"] - on["step_prefill_s"]
+    print(f"Ceiling for any prefill saving (reuse-off step / reuse-on step without its {on['step_prefill_s']:.2f} s of "
+          f"prefill): {off['step_s'] / floor:.2f}×", flush=True)
+    result = {"off": off, "on": on, "speedup": off["step_s"] / on["step_s"], "ceiling": off["step_s"] / floor}
     if own.json:
         print("RESULT " + json.dumps(result), flush=True)
     return result
@@ -203,6 +229,7 @@ def main(argv=None):
     import loop
     import rl
     import rollout
+    import sample
     import train_r3
     work = tempfile.mkdtemp(prefix="r3-step-bench-")
     if own.model_config:
@@ -220,7 +247,7 @@ def main(argv=None):
                                               "--save-every", str(10**9), "--out-dir", os.path.join(work, "run")]
     args = train_r3.parse_args(argv)
 
-    rollout.REUSE = own.reuse == "on"
+    sample.REUSE = own.reuse == "on"
     if own.queries:  # the same failed queries in both runs: the second samples (and times) its own, then takes the first's
         sample_failures = train_r3.failure_dataset
 
@@ -235,6 +262,7 @@ def main(argv=None):
         train_r3.failure_dataset = failure_dataset
     clock = Clock()
     rollout.sample_turns = clock.wrap_sampling(rollout.sample_turns)
+    sample.prefill = clock.wrap_prefill(sample.prefill)
     rl.update = clock.wrap_update(rl.update)
     train_r3.train_step = clock.wrap_step(train_r3.train_step)
     if own.rewards == "random":

@@ -1,7 +1,9 @@
-"""rollout with KV reuse (rollout.REUSE): the next turn continues the previous turn's cache where the
-chat template's tokens extend it, and falls back to a full prefill where they do not; the tokens are
+"""rollout with KV reuse (sample.REUSE): the next turn continues the previous turn's cache as far as the
+chat template's tokens agree with it (all of it, or up to the first differing token); the tokens are
 those of reuse off and of HF generate. Seeds are per conversation, so a row's sample does not depend
 on its batch."""
+import os
+
 import pytest
 import torch
 
@@ -13,11 +15,11 @@ from rollout import Gen
 
 @pytest.fixture
 def prefills(monkeypatch):
-    """Records, per sample.prefill call, (rows, rows that start from a past)."""
+    """Records, per sample.prefill call, (rows, rows that start from a past, each row's past length)."""
     calls, plain = [], sample.prefill
 
     def prefill(model, prompts, pasts, *args):
-        calls.append((len(prompts), sum(p is not None for p in pasts)))
+        calls.append((len(prompts), sum(p is not None for p in pasts), [len(p.ids) if p else 0 for p in pasts]))
         return plain(model, prompts, pasts, *args)
     monkeypatch.setattr(sample, "prefill", prefill)
     return calls
@@ -35,8 +37,8 @@ def test_two_tries_reuse_matches_no_reuse_and_hf_embedded(smol, prefills, monkey
     failed = sum(not t.verdict.correct for t in first)
     # the few-shot prefix once at batch 1, the 3 prompts after it; then the reflections and the retries,
     # every row continuing its previous turn's cache
-    assert failed and prefills == [(1, 0), (3, 3), (failed, failed), (failed, failed)]
-    monkeypatch.setattr(rollout, "REUSE", False)
+    assert failed and [c[:2] for c in prefills] == [(1, 0), (3, 3), (failed, failed), (failed, failed)]
+    monkeypatch.setattr(sample, "REUSE", False)
     prefills.clear()
     first_off, second_off = run()
     assert not any(c[1] for c in prefills) and prefills[0][0] == 3
@@ -50,7 +52,7 @@ def test_two_tries_reuse_matches_no_reuse_and_hf_embedded(smol, prefills, monkey
         assert out[:len(t.ids)] == t.ids
 
 
-def test_a_row_that_does_not_extend_its_cache_is_prefilled(tiny, prefills):
+def test_a_row_that_does_not_extend_its_cache_continues_where_they_agree(tiny, prefills):
     m, tok = tiny
     examples = tasks.load_examples("countdown", "test", n=3)
     gen = Gen(8, 0)
@@ -58,10 +60,14 @@ def test_a_row_that_does_not_extend_its_cache_is_prefilled(tiny, prefills):
     assert all(t.past is not None and t.past.ids == t.prompt_ids + t.ids[:-1] for t in first)
     first[1].text = "a reply the model did not sample"
     convs = [rollout.then(t.messages, t.text, "Again.") for t in first]
+    agree = [len(os.path.commonprefix([t.past.ids, rollout.chat_ids(tok, c)])) for t, c in zip(first, convs)]
+    assert agree[1] < len(first[1].past.ids)  # row 1's new reply leaves its cache at its first token
     prefills.clear()
     reused = rollout.sample_turns(m, tok, convs, gen, pasts=rollout.take_pasts(first))
     assert all(t.past is None for t in first)  # taken: freed once continued
-    assert prefills[0][0] == 3 and prefills[0][1] <= 2  # row 1 from scratch (others if the template re-tokenizes)
+    # every row continues a cache; row 1 the part of it before the reply (one whole prefill would have
+    # widened every row's new tokens to row 1's full prompt)
+    assert prefills[0][:2] == (3, 3) and prefills[0][2][1] == agree[1]
     plain = rollout.sample_turns(m, tok, convs, gen)
     assert ids_of(reused) == ids_of(plain)
     assert [t.prompt_ids for t in reused] == [rollout.chat_ids(tok, c) for c in convs]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import model as model_lib
+import sample
 from sample import generate
 
 TEXTS = ["Hello, my name is", "The capital of France is a city that has many", "1 2 3", "Q"]
@@ -219,3 +220,27 @@ def test_keep_returns_each_rows_cache(tiny):
         with torch.no_grad():
             plain = m(input_ids=torch.tensor([past.ids]), use_cache=True).past_key_values
         torch.testing.assert_close(past.keys[-1], plain.layers[-1].keys, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt, kept", [
+    ([5, 6, 7, 8, 9], 4),   # extends the past: all of it
+    ([5, 6, 7, 1, 2], 3),   # differs at the 4th token: the first three
+    ([5, 6, 7, 8], 3),      # equals the past: one token left to run (its logits start the sampling)
+    ([1, 6, 7, 8, 9], 0),   # differs at once: nothing
+])
+def test_trim_past_keeps_the_part_a_prompt_starts_with(tiny, prompt, kept):
+    m, _ = tiny
+    with torch.no_grad():
+        cache = m(input_ids=torch.tensor([[5, 6, 7, 8]]), use_cache=True).past_key_values
+    past = sample.Past([5, 6, 7, 8], [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers])
+    trimmed = sample.trim_past(past, prompt)
+    if kept == 0:
+        assert trimmed is None
+        return
+    assert trimmed.ids == prompt[:kept]
+    with torch.no_grad():  # a prefix's cache is the start of the longer one's: attention is causal
+        plain = m(input_ids=torch.tensor([prompt[:kept]]), use_cache=True).past_key_values
+    for layer, k, v in zip(plain.layers, trimmed.keys, trimmed.values):
+        torch.testing.assert_close(k, layer.keys, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v, layer.values, rtol=1e-4, atol=1e-5)
+    assert sample.trim_past(None, prompt) is None

@@ -7,6 +7,7 @@ import torch
 
 import model as model_lib
 import rl
+import sample
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,12 @@ def grads(m):
     return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("temperature, prefix", [(1.0, ""), (0.7, ""), (1.0, "You are a helpful assistant. Be brief. ")])
-def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature, prefix):
+@pytest.mark.parametrize("temperature, prefix, reuse", [(1.0, "", True), (0.7, "", True),
+                                                        (1.0, "You are a helpful assistant. Be brief. ", True),
+                                                        (1.0, "You are a helpful assistant. Be brief. ", False)])
+def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature, prefix, reuse, monkeypatch):
     m, tok = lora_tiny
+    monkeypatch.setattr(sample, "REUSE", reuse)
     batch = samples(tok, prefix)
     assert bool(prefix) == (len(os.path.commonprefix([s.prompt_ids for s in batch])) > 0)
     ids, attn, comp = rl.pad_batch(batch, tok.pad_token_id, "cpu")
@@ -47,7 +51,12 @@ def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature, prefix):
     plain_grads = grads(m)
 
     m.zero_grad(set_to_none=True)
+    forwards = []
+    hook = m.get_base_model().register_forward_pre_hook(lambda mod, args: forwards.append(1))
     shared, shared_mask = rl.shared_prompt_logprobs(m, batch, tok.pad_token_id, "cpu", temperature)
+    hook.remove()
+    # the distinct prompts, then the completions; with KV reuse and a common prefix, that prefix first
+    assert len(forwards) == (3 if prefix and reuse else 2)
     (shared * weights * shared_mask).sum().backward()
     assert torch.equal(shared_mask, comp)
     torch.testing.assert_close(shared * comp, plain * comp, rtol=0, atol=1e-5)
