@@ -18,6 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import sample
+from sample import common_prefix_len
+
 
 @dataclass
 class Sample:
@@ -78,29 +81,44 @@ def reference_logprobs(model, input_ids, attention_mask, n_completion: int, temp
         return completion_logprobs(model, input_ids, attention_mask, n_completion, temperature)
 
 
-def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, temperature: float = 1.0):
+def prefix_cache(model, ids: list[int], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The keys and values of `ids` (prompts' common prefix), run at batch 1: per layer, (keys, values)."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, temperature: float = 1.0,
+                           prefix: tuple[int, list] | None = None):
     """completion_logprobs(pad_batch(samples)) computed with each distinct prompt run once: its keys and
     values are copied to every completion that follows it (a GRPO or R3 group shares one prompt), with
-    gradient through both. The distinct prompts' longest common prefix (a system prompt, few-shot
-    examples) is run once too, at batch 1, and broadcast to them. Same numbers; for a group of G, about
-    G times less prompt compute and memory. Returns (log-probs [B, C], completion mask [B, C])."""
+    gradient through both. With KV reuse (sample.REUSE) the distinct prompts' longest common prefix (a
+    system prompt, few-shot examples) is run once too, at batch 1, and broadcast to them; prefix=(its
+    length, prefix_cache of it) passes one run beforehand (rl.update runs it once for all its
+    micro-batches). Same numbers; for a group of G, about G times less prompt compute and memory.
+    Returns (log-probs [B, C], completion mask [B, C])."""
     if getattr(model, "is_gradient_checkpointing", False):  # no cache under checkpointing: the plain way
         ids, attn, comp = pad_batch(samples, pad_id, device)
         return completion_logprobs(model, ids, attn, comp.shape[1], temperature), comp
     from transformers import DynamicCache
-
-    import sample
+    from transformers.cache_utils import DynamicLayer
     prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
     which = torch.tensor([prompts.index(tuple(s.prompt_ids)) for s in samples], device=device)
     C = max(len(s.completion_ids) for s in samples)
     t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+    if prefix is None:  # this batch's own common prefix, run here
+        L = common_prefix_len(prompts) if len(prompts) > 1 and sample.REUSE else 0
+        prefix = (L, prefix_cache(model, list(prompts[0][:L]), device) if L else [])
+    L, kv = prefix
     cache = DynamicCache()
-    # the common prefix, run once at batch 1
-    L = sample.common_prefix_len(prompts) if len(prompts) > 1 and sample.REUSE else 0
     if L:
-        model(input_ids=t([prompts[0][:L]]), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        for layer in cache.layers:  # a view per prompt, no copy: the next forward concatenates onto it
-            layer.keys, layer.values = (x.expand(len(prompts), -1, -1, -1) for x in (layer.keys, layer.values))
+        cache.layers = []
+        for k, v in kv:  # a view per prompt, no copy: the next forward concatenates onto it
+            layer = DynamicLayer()
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k.expand(len(prompts), -1, -1, -1), v.expand(len(prompts), -1, -1, -1)
+            cache.layers.append(layer)
     suffixes = [p[L:] for p in prompts]
     S = max(map(len, suffixes))
     s_ids = t([[pad_id] * (S - len(p)) + list(p) for p in suffixes])
@@ -176,22 +194,34 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     if n_samples == 0:
         return stats
     normalizer = n_samples if cfg.agg == "grpo" else n_tokens_all
-    logprobs = lambda chunk: shared_prompt_logprobs(model, chunk, pad_id, device, cfg.temperature)  # noqa: E731
+    logprobs = lambda chunk, prefix: shared_prompt_logprobs(model, chunk, pad_id, device, cfg.temperature, prefix)  # noqa: E731
+    # KV reuse: all the samples' prompts' common prefix is run once per pass, not once per micro-batch.
+    prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
+    L = common_prefix_len(prompts) if sample.REUSE and prompts and (len(prompts) > 1 or len(chunks) > 1) \
+        and not getattr(model, "is_gradient_checkpointing", False) else 0
+    run_prefix = lambda: (L, prefix_cache(model, list(prompts[0][:L]), device)) if L else None  # noqa: E731
     # Frozen per-batch quantities: the reference (the adapter off, see reference_logprobs), and the
     # sampling policy when the batch is reused.
     refs, olds = [], []
     with torch.no_grad():
-        for chunk in chunks:
-            with model.disable_adapter():
-                refs.append(logprobs(chunk)[0])
-            if cfg.updates_per_batch > 1:
-                olds.append(logprobs(chunk)[0])
+        with model.disable_adapter():
+            prefix = run_prefix()
+            refs = [logprobs(chunk, prefix)[0] for chunk in chunks]
+        if cfg.updates_per_batch > 1:
+            prefix = run_prefix()
+            olds = [logprobs(chunk, prefix)[0] for chunk in chunks]
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         loss_sum, kl_sum = 0.0, 0.0
+        # The prefix's keys and values enter every micro-batch as leaves that collect its gradient;
+        # the prefix then runs backward once, with the sum (the same gradient, one prefix pass).
+        prefix, leaves = run_prefix(), None
+        if prefix:
+            leaves = [tuple(x.detach().requires_grad_() for x in pair) for pair in prefix[1]]
+            prefix, kv = (L, leaves), prefix[1]
         for k, chunk in enumerate(chunks):
-            logp, comp = logprobs(chunk)
+            logp, comp = logprobs(chunk, prefix)
             old = olds[k] if olds else logp.detach()
             adv = torch.tensor([s.advantage for s in chunk], device=device)
             beta = torch.tensor([cfg.kl_beta if s.kl_beta is None else s.kl_beta for s in chunk], device=device)
@@ -200,6 +230,8 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
             loss.backward()
             loss_sum += loss.item()
             kl_sum += (kl * comp).sum().item()
+        if leaves:
+            torch.autograd.backward([x for pair in kv for x in pair], [x.grad for pair in leaves for x in pair])
         sum_grads(params)
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
         optimizer.step()

@@ -128,3 +128,37 @@ def test_update_skips_nothing_and_steps(tiny_model_dir):
         grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.requires_grad]))
         assert stats["kl"] > 0 and stats["grad_norm"] > 0
     assert torch.allclose(grads[0], grads[1], atol=1e-5)  # float rounding: a group's prompt is run once
+
+
+@pytest.mark.parametrize("updates", [1, 2])
+def test_update_runs_the_common_prefix_once_with_the_same_gradient(tiny_model_dir, monkeypatch, updates):
+    """KV reuse in rl.update: the prompts' common prefix runs once per pass (reference, policy), whatever
+    the micro-batching, and the step it takes is the one without reuse, micro-batch by micro-batch."""
+    import model as model_lib
+    import sample
+    prefix = [11, 12, 13, 14, 15, 16]
+    samples = [rl.Sample(prefix + tail, comp, a) for tail, comp, a in [
+        ([5, 6], [8, 9, 10], 1.0), ([5, 6], [8], -0.5), ([7], [9, 9], 0.25), ([7, 8, 9], [10, 11], -0.75),
+        ([7], [12], 0.5)]]
+    weights = []
+    for reuse, micro in [(False, 5), (True, 1), (True, 2), (True, 5)]:
+        monkeypatch.setattr(sample, "REUSE", reuse)
+        torch.manual_seed(0)
+        m, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+        for n, p in m.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.05)
+        before = torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad])
+        lengths = []
+        hook = m.get_base_model().register_forward_pre_hook(
+            lambda mod, args, kwargs: lengths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        rl.update(m, opt, samples, rl.UpdateConfig(kl_beta=0.1, micro_batch=micro, updates_per_batch=updates,
+                                                  max_grad_norm=math.inf), tok.pad_token_id)
+        hook.remove()
+        passes = 1 + (updates > 1) + updates  # the reference, the sampling policy (if reused), each update
+        assert lengths.count((1, len(prefix))) == (passes if reuse else 0)
+        weights.append(torch.cat([p.detach().flatten() for p in m.parameters() if p.requires_grad]))
+    for w in weights[1:]:
+        torch.testing.assert_close(w, weights[0], rtol=0, atol=1e-5)
+    assert (weights[0] - before).abs().max() > 1e-3  # the step did move the weights
