@@ -13,9 +13,10 @@ each try (R3's error analysis), mean tokens of the answer standing after each tr
 tokens, wall time and generated tokens per second.
 
 Files in --out: results-<hash>.jsonl, a header line {"config": ...} then one line per finished example,
-named by a hash of everything that decides the results (model, adapter, task, source, n, method,
-temperature, token limits, seed); rerun with the same flags, a killed eval redoes only the missing
-examples. summary-<hash>.json and summary-<hash>.md hold the table.
+named by a hash of everything that decides the results (model, adapter and its weights, task, source,
+n, method, temperature, token limits, seed, and the code of the prompts, verifiers and sampler); rerun
+with the same flags and code, a killed eval redoes only the missing examples, while an edited prompt or
+verifier starts a new file. summary-<hash>.json and summary-<hash>.md hold the table.
 """
 import argparse
 import contextlib
@@ -102,6 +103,20 @@ def markdown_table(columns: dict[str, dict]) -> str:
 
 def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# The code that decides an example's result: its prompts, its verifier, the sampler and these two tries.
+# Their bytes go into the results file's name, so a fork that edits a prompt never reads stale results.
+RESULT_CODE = ("tasks.py", "verifiers.py", "math_equiv.py", "tool_calls.py", "sandbox.py", "rollout.py",
+               "sample.py", "eval.py")
+
+
+def files_hash(paths) -> str:
+    """sha256 of the files' bytes, in the given order (12 hex digits)."""
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(Path(path).read_bytes())
+    return h.hexdigest()[:12]
 
 
 def read_results(path: Path) -> dict[str, dict]:
@@ -226,12 +241,14 @@ def main(argv=None):
     base = {"model": args.model, "adapter": None, "task": args.task,
             "source": args.source or tasks.DEFAULT_SOURCE[args.task], "n": args.n, "method": args.method,
             "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
-            "reflect_tokens": args.reflect_tokens, "seed": args.seed}
+            "reflect_tokens": args.reflect_tokens, "seed": args.seed,
+            "code": files_hash(Path(__file__).parent / name for name in RESULT_CODE)}
     configs = {}
     if adapter is None or args.compare:
         configs["base"] = base
-    if adapter is not None:
-        configs["trained"] = {**base, "adapter": str(adapter)}
+    if adapter is not None:  # its weights too: a run directory retrained from scratch keeps its paths
+        configs["trained"] = {**base, "adapter": str(adapter),
+                              "adapter_weights": files_hash(sorted(Path(adapter).glob("adapter_*")))}
     columns = {}
     for label, config in configs.items():
         off = model.disable_adapter() if adapter is not None and config["adapter"] is None else contextlib.nullcontext()

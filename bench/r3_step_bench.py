@@ -16,10 +16,14 @@ group carries signal and every step runs the update (the cost measured is the fu
 --rewards verifier, the real verdicts (few groups with signal on this model). Tokens: sampled tokens for the
 sampling phases, trained (reflection) tokens for the update. --json prints one JSON line as well.
 
+Each sampling phase's time is split into prefill (sample.prefill: the prompt tokens) and the rest
+(decoding, one token per live row per forward).
+
 --reuse both (the default) runs the bench twice, each in its own process so that its peak memory is its
 own: KV reuse off, then on (sample.REUSE), with the same seeds and the same failed queries (the second
 run samples its first attempts too, timed, then takes the first run's failure set), and prints the two
-side by side with the line "R3 step speed-up from KV reuse: X.XX×". --reuse on / off: one run.
+side by side with the line "R3 step speed-up from KV reuse: X.XX×", and the ceiling of any prefill
+saving: the reuse-off step over the reuse-on step less its remaining prefill. --reuse on / off: one run.
 """
 import argparse
 import functools

@@ -238,3 +238,29 @@ def test_missing_adapter_is_one_line_exit_2(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--adapter", str(tmp_path / "nope")],
                        capture_output=True, text=True, cwd=tmp_path)
     assert p.returncode == 2 and "no adapter at" in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_results_file_follows_the_code_and_the_adapter_weights(tiny_model_dir, run_dir, tmp_path, monkeypatch):
+    """An edited prompt or verifier, or other weights at the same adapter path, never reads stale results."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    passing = {i: (None,) for i in ids(2)}
+
+    def sampled(*extra) -> int:  # how many first tries this eval verified (0: all read from the file)
+        calls = scripted(monkeypatch, passing)
+        ev.main(flags(tiny_model_dir, tmp_path / "out", 2, *extra))
+        return len(calls)
+    prompts = tmp_path / "prompts.py"  # stands for an edited tasks.py
+    prompts.write_text("A = 1\n")
+    monkeypatch.setattr(ev, "RESULT_CODE", ev.RESULT_CODE + (str(prompts),))
+    assert sampled() == 2 and sampled() == 0  # the same code: the results are read back
+    prompts.write_text("A = 2\n")
+    assert sampled() == 2 and len(list((tmp_path / "out").glob("results-*.jsonl"))) == 2
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir / "ckpt-000003" / "adapter", adapter)
+    assert sampled("--adapter", str(adapter)) == 2 and sampled("--adapter", str(adapter)) == 0
+    [weights] = adapter.glob("adapter_model.safetensors")
+    save_file({k: v * 2 for k, v in load_file(weights).items()}, weights)  # retrained, same path
+    assert sampled("--adapter", str(adapter)) == 2
