@@ -194,12 +194,14 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     if n_samples == 0:
         return stats
     normalizer = n_samples if cfg.agg == "grpo" else n_tokens_all
-    logprobs = lambda chunk, prefix: shared_prompt_logprobs(model, chunk, pad_id, device, cfg.temperature, prefix)  # noqa: E731
+    def logprobs(chunk, prefix):
+        return shared_prompt_logprobs(model, chunk, pad_id, device, cfg.temperature, prefix)
     # KV reuse: all the samples' prompts' common prefix is run once per pass, not once per micro-batch.
     prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
     L = common_prefix_len(prompts) if sample.REUSE and prompts and (len(prompts) > 1 or len(chunks) > 1) \
         and not getattr(model, "is_gradient_checkpointing", False) else 0
-    run_prefix = lambda: (L, prefix_cache(model, list(prompts[0][:L]), device)) if L else None  # noqa: E731
+    def run_prefix():
+        return (L, prefix_cache(model, list(prompts[0][:L]), device)) if L else None
     # Frozen per-batch quantities: the reference (the adapter off, see reference_logprobs), and the
     # sampling policy when the batch is reused.
     refs, olds = [], []
@@ -218,8 +220,9 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
         # the prefix then runs backward once, with the sum (the same gradient, one prefix pass).
         prefix, leaves = run_prefix(), None
         if prefix:
-            leaves = [tuple(x.detach().requires_grad_() for x in pair) for pair in prefix[1]]
-            prefix, kv = (L, leaves), prefix[1]
+            kv = prefix[1]
+            leaves = [tuple(x.detach().requires_grad_() for x in pair) for pair in kv]
+            prefix = (L, leaves)
         for k, chunk in enumerate(chunks):
             logp, comp = logprobs(chunk, prefix)
             old = olds[k] if olds else logp.detach()

@@ -32,9 +32,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
-# KV reuse, the switch: prompts' common prefix prefilled once (here and in rl.shared_prompt_logprobs),
-# and a conversation's next turn continuing its previous turn's cache (rollout). False: every prompt
-# is run from scratch (the benchmarks compare the two in one run).
+# KV reuse, the switch, read by rollout (prompts' common prefix prefilled once, a conversation's next
+# turn continuing its previous turn's cache) and by rl (the update's common prefix run once). False:
+# every prompt is run from scratch (the benchmarks compare the two in one run).
 REUSE = True
 
 
