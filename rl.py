@@ -204,7 +204,7 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
         return (L, prefix_cache(model, list(prompts[0][:L]), device)) if L else None
     # Frozen per-batch quantities: the reference (the adapter off, see reference_logprobs), and the
     # sampling policy when the batch is reused.
-    refs, olds = [], []
+    olds = []
     with torch.no_grad():
         with model.disable_adapter():
             prefix = run_prefix()

@@ -199,15 +199,14 @@ def compare(own, train_argv) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     off, on = results["off"], results["on"]
     print("\nKV reuse off vs on: the same seeds and failed queries, each run in its own process\n")
+    def row(label, a, b):
+        print(f"| {label} | {a:.2f} | {b:.2f} | {f'{a / b:.2f}×' if b > 0 else '-'} |")
     print("| | reuse off | reuse on | speed-up |")
     print("|---|---|---|---|")
     for phase in PHASES:
-        a, b = off["phases"][phase]["s"], on["phases"][phase]["s"]
-        print(f"| {phase} s | {a:.2f} | {b:.2f} | {a / b:.2f}× |" if b > 0 else f"| {phase} s | {a:.2f} | {b:.2f} | - |")
+        row(f"{phase} s", off["phases"][phase]["s"], on["phases"][phase]["s"])
         if phase in ("first attempts", "reflections", "retries"):
-            a, b = off["phases"][phase]["prefill_s"], on["phases"][phase]["prefill_s"]
-            print(f"| ... of which prefill s | {a:.2f} | {b:.2f} | {a / b:.2f}× |" if b > 0 else
-                  f"| ... of which prefill s | {a:.2f} | {b:.2f} | - |")
+            row("... of which prefill s", off["phases"][phase]["prefill_s"], on["phases"][phase]["prefill_s"])
     print(f"| **step s** | **{off['step_s']:.2f}** | **{on['step_s']:.2f}** | **{off['step_s'] / on['step_s']:.2f}×** |")
     # CPU seconds (all threads) of the process: less sensitive than wall time to other load on the machine
     print(f"| step CPU s | {off['step_cpu_s']:.2f} | {on['step_cpu_s']:.2f} | {off['step_cpu_s'] / on['step_cpu_s']:.2f}× |")
