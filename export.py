@@ -41,7 +41,8 @@ def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.b
     name = model or base_model_name(adapter_dir) or DEFAULT_MODEL
     if Path(name).resolve() == embedded_model_dir().resolve():  # peft records the cache path of the embedded model
         name = DEFAULT_MODEL
-    peft_model, tok = load_model(name, adapter=str(adapter_dir), device="cpu", dtype=torch.float32)
+    peft_model, tok = load_model(name, adapter=str(adapter_dir), device="cpu", dtype=torch.float32,
+                                cpu_layout=False)  # saved as HF expects: contiguous [out, in]
     merged = peft_model.merge_and_unload()  # W + (alpha / r) * B @ A, in float32, then a plain model
     merged.to(dtype)
     out.parent.mkdir(parents=True, exist_ok=True)

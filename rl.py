@@ -85,7 +85,7 @@ def prefix_cache(model, ids: list[int], device) -> list[tuple[torch.Tensor, torc
     """The keys and values of `ids` (prompts' common prefix), run at batch 1: per layer, (keys, values)."""
     from transformers import DynamicCache
     cache = DynamicCache()
-    model(input_ids=torch.tensor([ids], device=device), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    model(input_ids=torch.tensor([ids], device=device), cache=cache, use_cache=True, logits_to_keep=1)
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 
@@ -127,11 +127,11 @@ def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, te
     c_mask = t([[1] * len(s.completion_ids) + [0] * (C - len(s.completion_ids)) for s in samples])
     # the prompts: keys/values for the cache, and the logits at each prompt's last token (-> first completion token)
     first = model(input_ids=s_ids, attention_mask=p_mask, position_ids=(p_mask.cumsum(1) - 1).clamp(min=0)[:, L:],
-                  past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                  cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     cache.batch_select_indices(which)  # one copy of its prompt's cache per completion (a differentiable gather)
     mask = torch.cat([p_mask[which], c_mask], 1)
     positions = p_mask.sum(1)[which, None] + torch.arange(C, device=device)
-    rest = model(input_ids=c_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+    rest = model(input_ids=c_ids, attention_mask=mask, position_ids=positions, cache=cache,
                  use_cache=True, logits_to_keep=C).logits[:, :-1]
     logits = torch.cat([first[which, None], rest], 1).float()
     if temperature and temperature != 1.0:

@@ -122,7 +122,7 @@ def prefill(model, prompts: list[list[int]], pasts: list[Past | None], pad_token
         cache.layers = [SpareCapacityLayer.from_pasts(pasts, i, width, new_width + spare, spare)
                         for i in range(n_layers)]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask)[:, width:],
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
     return cache, mask, logits
 
 
@@ -199,44 +199,73 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
     if n > 1:
         cache.batch_repeat_interleave(n)
         logits, mask = logits.repeat_interleave(n, 0), mask.repeat_interleave(n, 0)
-    rows = torch.arange(len(prompts) * n, device=device)  # which output each live batch row feeds
-    outputs: list[list[int]] = [[] for _ in range(len(rows))]
-    kept: list[Past | None] = [None] * len(rows)
-    stops = torch.tensor(sorted(set(stop_token_ids)), device=device, dtype=torch.long)
-    if seed is not None:
+    B = len(prompts) * n
+    # The loop's state lives on the model's device; the host reads one small tensor per step (which rows
+    # stopped), so a GPU's queue never waits on Python. rows[k]: the output that batch row k feeds.
+    rows, rows_t = list(range(B)), torch.arange(B, device=device)
+    tokens = torch.zeros(B, max_new_tokens, dtype=torch.long, device=device)
+    lengths = [max_new_tokens] * B                       # each output's length, set when it stops
+    live = torch.ones(B, dtype=torch.bool, device=device)  # per batch row: still sampling
+    n_live, n_dead = B, 0                                 # host copies: live rows, stopped rows still in the batch
+    kept: list[Past | None] = [None] * B
+    stops = torch.tensor(sorted(set(stop_token_ids)) if not ignore_stop else [], device=device, dtype=torch.long)
+    # The whole mask and the position ids, preallocated: a decode step writes one column and adds one.
+    width = mask.shape[1]
+    mask = torch.cat([mask, mask.new_zeros(B, max_new_tokens)], 1)
+    pos = mask.sum(1, keepdim=True) - 1
+    u_all = None
+    if temperature != 0 and seed is not None:  # every uniform a row can need, drawn from its own stream
         seeds = seed if isinstance(seed, list) else [seed + i for i in range(len(prompts))]
         assert len(seeds) == len(prompts), "one seed per prompt"
         streams = [random.Random(mix_seed(s, j)) for s in seeds for j in range(n)]
+        u_all = torch.tensor([[r.random() for _ in range(max_new_tokens)] for r in streams], dtype=torch.float64,
+                             device=device)
 
     for step in range(max_new_tokens):
         u = None
-        if temperature != 0:  # one uniform per live row, from the row's own stream
-            u = (torch.rand(len(rows), dtype=torch.float64) if seed is None else
-                 torch.tensor([streams[r].random() for r in rows.tolist()], dtype=torch.float64))
+        if temperature != 0:  # one uniform per batch row: its stream's draw for this step
+            u = torch.rand(len(rows), dtype=torch.float64, device=device) if u_all is None else u_all[rows_t, step]
         next_tokens = pick(logits, temperature, top_p, u)
+        tokens[rows_t, step] = next_tokens
+        stopped = live & torch.isin(next_tokens, stops) if step < max_new_tokens - 1 else live
         if on_tokens is not None:
-            on_tokens(len(rows))
-        for row, tok in zip(rows.tolist(), next_tokens.tolist()):
-            outputs[row].append(tok)
-        finished = torch.zeros_like(next_tokens, dtype=torch.bool)
-        if step == max_new_tokens - 1:
-            finished[:] = True
-        elif not ignore_stop and len(stops):
-            finished = torch.isin(next_tokens, stops)
-        if keep:  # the finished rows' caches, before they leave the batch
-            for k in finished.nonzero().squeeze(1).tolist():
-                r = rows[k].item()
-                kept[r] = row_past(cache, mask[k], k, list(prompts[r // n]) + outputs[r][:-1])
-        if finished.all():
+            on_tokens(n_live)
+        newly = stopped.nonzero().squeeze(1).tolist()  # the step's one host sync
+        for k in newly:
+            lengths[rows[k]] = step + 1
+        n_live, n_dead = n_live - len(newly), n_dead + len(newly)
+        if n_live == 0:
+            if keep:
+                gone = (~live | stopped).nonzero().squeeze(1).tolist()
+                keep_pasts(kept, cache, mask, rows, gone, prompts, tokens, lengths, n, width + step)
             break
-        if finished.any():  # drop finished rows from every tensor and from the cache
-            alive = (~finished).nonzero().squeeze(1)
+        live &= ~stopped
+        # Stopped rows stay in the batch (their new slots masked out) until a quarter of it has stopped:
+        # then they leave all at once, one copy of the cache for many finishes.
+        if n_dead * 4 >= len(rows):
+            gone, alive = (~live).nonzero().squeeze(1), live.nonzero().squeeze(1)
+            if keep:
+                keep_pasts(kept, cache, mask, rows, gone.tolist(), prompts, tokens, lengths, n, width + step)
             cache.batch_select_indices(alive)
-            rows, mask, next_tokens = rows[alive], mask[alive], next_tokens[alive]
-        mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-        logits = model(input_ids=next_tokens[:, None], attention_mask=mask,
-                       position_ids=mask.sum(1, keepdim=True) - 1, past_key_values=cache, use_cache=True).logits[:, -1]
+            alive_list = alive.tolist()
+            rows, rows_t = [rows[k] for k in alive_list], rows_t[alive]
+            mask, pos, live, next_tokens = mask[alive], pos[alive], live[alive], next_tokens[alive]
+            n_dead = 0
+        mask[:, width + step] = live
+        pos = pos + live[:, None]
+        logits = model(input_ids=next_tokens[:, None], attention_mask=mask[:, :width + step + 1],
+                       position_ids=pos, cache=cache, use_cache=True).logits[:, -1]
+    outputs = [row[:length] for row, length in zip(tokens.tolist(), lengths)]
     return (outputs, kept) if keep else outputs
+
+
+def keep_pasts(kept, cache, mask, rows, ks, prompts, tokens, lengths, n, used):
+    """The caches of stopped batch rows `ks`, as Pasts of their prompt and sampled tokens but the last
+    (the stop token, sampled but never attended to): mask[:, :used] marks each row's real slots."""
+    outs = tokens[[rows[k] for k in ks]].tolist() if ks else []
+    for k, out in zip(ks, outs):
+        r = rows[k]
+        kept[r] = row_past(cache, mask[k, :used], k, list(prompts[r // n]) + out[:lengths[r] - 1])
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
