@@ -178,9 +178,12 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
                                                   local_files_only=kwargs["local_files_only"])
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, **kwargs)
-    except (OSError, ValueError) as e:  # ValueError: a config.json or .gguf that transformers cannot read
+    except Exception as e:  # noqa: BLE001 -- a damaged .gguf fails in many ways (struct.error, KeyError, ...)
+        if not (isinstance(e, (OSError, ValueError)) or gguf_file):  # ValueError: a config it cannot read
+            raise
         if Path(source).exists():
-            raise UsageError(f"could not load model from {source}: {_first_line(e)}")
+            raise UsageError(f"could not load model from {Path(source) / gguf_file if gguf_file else source}: "
+                             f"{_first_line(e)}")
         raise UsageError(hub_error(source))
     if not load_in_4bit:
         model.to(device)
