@@ -739,7 +739,7 @@ def test_an_empty_path_or_name_is_refused_not_taken_as_the_default(program, argv
     ("train", ["--temperature", "inf"], "--temperature"), ("train", ["--lr", "inf"], "--lr"),
     ("train", ["--kl-beta", "inf"], "--kl-beta"), ("train", ["--clip-eps", "inf"], "--clip-eps"),
     ("train", ["--method", "score", "--alpha", "inf"], "--alpha"),
-    ("train", ["--method", "score", "--beta1", "-inf"], "--beta1"),
+    ("train", ["--method", "score", "--beta1=-inf"], "--beta1"),
 ])
 def test_an_infinite_number_is_refused(program, argv, flag, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
