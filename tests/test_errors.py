@@ -413,11 +413,11 @@ def test_trim_metrics_keeps_what_the_checkpoint_covers(tmp_path, capsys):
     assert [json.loads(x)["round"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 1]
 
 
-# ---------------------------------------------------------------------------------------------- issue 24: the last edges
+# ---------------------------------------------------------------------------------------------- issue 24
 
 def no_model_load(monkeypatch):
-    """Make loading a model fail loudly: a check that should come first shows as the one line, a late one as this."""
-    import export
+    """Make loading a model fail loudly: a check that should come first shows as the one line, a late one as this.
+    (export.py and sample.py import load_model from model when they run, so patching model covers them.)"""
     import loop
     import model as model_lib
 
@@ -425,7 +425,6 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the check")
     for module in (model_lib, loop):
         monkeypatch.setattr(module, "load_model", boom)
-    assert export  # export imports load_model from model at call time
 
 
 def bad_adapter(adapters, tmp_path, file, contents):
@@ -526,7 +525,8 @@ def test_tracker_failures_are_one_line_before_the_model_loads(case, tiny_model_d
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
            **env}
     env.pop("WANDB_API_KEY", None)
-    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=120)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: " + flag), r.stderr[-2000:]
     assert message in lines[0] and "Traceback" not in r.stderr
