@@ -1,6 +1,7 @@
 """The edge of every command: a user's mistake becomes one clear line and exit code 2. Every entry
 point imports this first, so it is also where third-party noise is turned down."""
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -23,11 +24,27 @@ def run(main):
         sys.exit(2)
 
 
+def first_line(e: Exception) -> str:
+    """An exception's message, first line, capped: enough to say what is wrong on one line."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
 def check_flags(rules: list[tuple[str, object, bool, str]]):
-    """rules: (flag, value, ok, what it must be). The first broken one is the error."""
+    """rules: (flag, value, ok, what it must be). The first broken one is the error. A number flag is never
+    inf or nan: argparse's float() takes both, and no limit like `>= 0` rules out inf."""
     for flag, value, ok, want in rules:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number; got {value}")
         if not ok:
             raise UsageError(f"{flag} must be {want}; got {value}")
+
+
+def check_not_empty(parser, args):
+    """A path or name flag given as "" would silently mean its default (--out-dir "" trained into runs/...)."""
+    for action in parser._actions:
+        value = getattr(args, action.dest, None)
+        if isinstance(value, str) and not value.strip():
+            raise UsageError(f"{(action.option_strings or [action.dest])[-1]} is empty")
 
 
 def writable_dir(path, flag: str) -> Path:
@@ -41,6 +58,30 @@ def writable_dir(path, flag: str) -> Path:
         raise UsageError(f"{flag} {path}: cannot create the directory ({e.strerror or e})")
     if not os.access(path, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path}: the directory is not writable")
+    return path
+
+
+def new_dir(path, flag: str) -> Path:
+    """A directory that does not exist yet and can be made: checked by making it (and any missing parents)
+    and taking them back, so an --out under a file, in /proc or in a read-only place is one line before
+    the work, not a traceback after it."""
+    path = Path(path)
+    if path.exists() or path.is_symlink():
+        raise UsageError(f"{flag} {path} already exists; give a new directory")
+    missing = [p for p in [path, *path.parents] if not p.exists() and not p.is_symlink()]
+    above = path.parents[len(missing) - 1]
+    if not above.is_dir():
+        raise UsageError(f"{flag} {path}: {above} is not a directory")
+    try:
+        path.mkdir(parents=True)
+    except OSError as e:
+        raise UsageError(f"{flag} {path}: cannot create the directory ({e.strerror or e})")
+    finally:
+        for p in missing:  # deepest first
+            try:
+                p.rmdir()
+            except OSError:
+                pass
     return path
 
 

@@ -11,9 +11,10 @@ FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 
 def read_file(path):
     """[(where, row)], where is 'file:line' for JSON lines, 'file item i' / 'file row i' otherwise."""
-    if path.suffix not in FILE_SUFFIXES:
+    suffix = path.suffix.lower()  # data.JSONL is JSON lines too
+    if suffix not in FILE_SUFFIXES:
         raise UsageError(f"{path}: unsupported file type; use {', '.join(FILE_SUFFIXES)}")
-    if path.suffix == ".parquet":
+    if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -31,7 +32,7 @@ def read_file(path):
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}:{raw[:e.start].count(10) + 1}: not UTF-8 text (byte {raw[e.start]:#04x})")
-    if path.suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON lines
+    if suffix == ".json" and text.lstrip().startswith("["):  # a JSON array; otherwise JSON lines
         return [(f"{path} item {i + 1}", row) for i, row in enumerate(parse_json(text, path))]
     return [(f"{path}:{lineno}", parse_json(line, f"{path}:{lineno}"))
             for lineno, line in enumerate(text.splitlines(), 1) if line.strip()]
@@ -55,6 +56,11 @@ def first_line(e: Exception) -> str:
 
 
 def read_hub(name):
+    from model import hub_offline_mode, hub_reachable
+    if not hub_offline_mode() and not hub_reachable():  # not after 30 s of retries, each logged
+        raise UsageError(f"could not load {name!r} from the Hugging Face Hub (it cannot be reached); pass a "
+                         f"local {'/'.join(FILE_SUFFIXES)} file instead, or set HF_HUB_OFFLINE=1 to use a copy "
+                         "downloaded before")
     try:
         data = _datasets().load_dataset(name)
     except Exception as e:  # offline, unknown, gated: the same advice

@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=500,
                    help="held-out examples (the first n of the test split; at least 1)")
     p.add_argument("--method", default="r3", choices=["r3", "score"], help="how the second try is asked for")
-    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the papers' evaluation); >= 0")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the papers' evaluation); >= 0 and finite")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length (default: per task, as training; at least 1)")
     p.add_argument("--reflect-tokens", type=int, default=64, help="reflection length (r3)")
@@ -53,7 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="test-split order and sampling seed")
     p.add_argument("--plot", default=None, metavar="METRICS_JSONL", help="plot a training run's metrics instead")
     p.add_argument("--plot-out", default=None, help="PNG path (default: the metrics file with .png)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_not_empty(p, args)  # --out "" or --plot "" would silently mean the default
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- the table
@@ -277,13 +279,21 @@ def read_metrics(path: Path) -> list[dict]:
     """metrics.jsonl's lines in step order; where a resumed run repeated a step, the later line wins."""
     if not path.is_file():
         raise cli.UsageError(f"metrics file not found: {path}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise cli.UsageError(f"{path}: cannot read the metrics file ({e.strerror or e})")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # random bytes, or a binary file given by mistake
+        raise cli.UsageError(f"{path}:{raw[:e.start].count(10) + 1}: not UTF-8 text, so not a metrics file")
     by_step = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON, an integer too long to parse, nested too deeply
             row = None
         if not isinstance(row, dict) or not isinstance(row.get("step"), int):
             raise cli.UsageError(f"{path}:{i}: not a metrics line (a JSON object with an integer \"step\")")

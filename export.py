@@ -10,7 +10,6 @@ was trained against the de-quantised weights, so this is the model it learned, a
 everywhere (merging into NF4 weights would re-quantise them, and many tools cannot read NF4).
 """
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -23,26 +22,39 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("adapter", help="a run directory (its latest checkpoint) or an adapter directory")
-    p.add_argument("--out", required=True, help="the directory to write the merged model to (must not exist)")
+    p.add_argument("--out", required=True, help="the directory to write the merged model to (must not exist; "
+                   "its parent is made if missing)")
     p.add_argument("--model", default=None, help="the base model (default: the one the adapter names)")
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="weights' dtype in the output")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cli.check_not_empty(p, args)
+    return args
 
 
 def base_model_name(adapter_dir: Path) -> str:
-    """The base model an adapter was trained on, as peft recorded it."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    return config.get("base_model_name_or_path") or ""
+    """The base model an adapter was trained on, as peft recorded it (its files checked: one line if damaged)."""
+    from model import check_adapter
+    name = check_adapter(adapter_dir).get("base_model_name_or_path")
+    return name if isinstance(name, str) else ""
+
+
+def base_model(adapter_dir: Path, model: str | None = None) -> str:
+    """--model, else the base the adapter names; the embedded model's cache path (what peft records) is
+    the embedded model. Checked by name now, so a wrong one fails before anything loads."""
+    from model import DEFAULT_MODEL, embedded_model_dir, resolve
+    name = model or base_model_name(adapter_dir) or DEFAULT_MODEL
+    if name != DEFAULT_MODEL and Path(name).resolve() == embedded_model_dir().resolve():
+        name = DEFAULT_MODEL
+    resolve(name)
+    return name
 
 
 def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.bfloat16) -> Path:
     """Load base + adapter on the CPU, fold the LoRA product into the base weights, save model and tokenizer."""
-    from model import DEFAULT_MODEL, embedded_model_dir, load_model
-    name = model or base_model_name(adapter_dir) or DEFAULT_MODEL
-    if Path(name).resolve() == embedded_model_dir().resolve():  # peft records the cache path of the embedded model
-        name = DEFAULT_MODEL
+    from model import load_model
+    name = base_model(adapter_dir, model)
     peft_model, tok = load_model(name, adapter=str(adapter_dir), device="cpu", dtype=torch.float32,
-                                cpu_layout=False)  # saved as HF expects: contiguous [out, in]
+                                 cpu_layout=False)  # saved as HF expects: contiguous [out, in]
     merged = peft_model.merge_and_unload()  # W + (alpha / r) * B @ A, in float32, then a plain model
     merged.to(dtype)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -53,12 +65,12 @@ def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.b
 
 def main(argv=None):
     args = parse_args(argv)
+    # Everything that can be wrong without the model, before it loads and merges (a minute for a 7B model).
+    out = cli.new_dir(args.out, "--out")
     from model import resolve_adapter
     adapter = resolve_adapter(args.adapter)
-    out = Path(args.out)
-    if out.exists():
-        raise cli.UsageError(f"--out {out} already exists; give a new directory")
-    export(adapter, out, args.model, DTYPES[args.dtype])
+    model = base_model(adapter, args.model)
+    export(adapter, out, model, DTYPES[args.dtype])
     print(f"merged {adapter} into {out}: load it with AutoModelForCausalLM.from_pretrained('{out}')")
 
 

@@ -154,29 +154,75 @@ def log_line(args, record: dict):
 _trackers, _closers = [], []  # set by open_trackers (rank 0 only), fed by log_line
 
 
+def import_tracker(flag: str, package: str, module: str | None = None):
+    """A tracker's module, or one line naming the flag and what to do: the package missing, a file of the
+    same name shadowing it, or an install that fails on import (a protobuf mismatch, say)."""
+    import importlib
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise cli.UsageError(f"{flag} needs the {package} package: pip install {package}")
+    if not (spec.origin or "").endswith("__init__.py"):  # a wandb.py (or a wandb/ folder) of the user's
+        where = spec.origin or ", ".join(spec.submodule_search_locations or [])
+        raise cli.UsageError(f"{flag}: {where} shadows the {package} package; rename it, or run from "
+                             "another directory")
+    try:
+        return importlib.import_module(module or package)
+    except ImportError as e:
+        raise cli.UsageError(f"{flag} needs the {package} package, which fails to import ({cli.first_line(e)}): "
+                             f"pip install {package}")
+    except Exception as e:  # noqa: BLE001 -- a broken install raises anything (TypeError from protobuf, ...)
+        raise cli.UsageError(f"{flag}: the {package} package fails to import ({type(e).__name__}: "
+                             f"{cli.first_line(e)}); reinstall it: pip install --force-reinstall {package}")
+
+
+def wandb_has_key() -> bool:
+    netrc = Path(os.environ.get("NETRC") or Path.home() / ".netrc")
+    try:
+        in_netrc = netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace")
+    except OSError:
+        in_netrc = False
+    return bool(os.environ.get("WANDB_API_KEY")) or in_netrc
+
+
+def check_trackers(args):
+    """--wandb / --tensorboard, before the model loads: the packages import, and wandb has a way to log
+    (an API key, or offline mode, which it gets when no key is set up)."""
+    if getattr(args, "wandb", None) is not None:
+        import_tracker("--wandb", "wandb")
+        mode = os.environ.get("WANDB_MODE", "").strip().lower()
+        if mode in ("online", "run") and not wandb_has_key():
+            raise cli.UsageError(f"--wandb: WANDB_MODE={mode} but no wandb API key is set up; run `wandb login` "
+                                 "(or set WANDB_API_KEY), or unset WANDB_MODE to log offline")
+    if getattr(args, "tensorboard", False):
+        import_tracker("--tensorboard", "tensorboard", "torch.utils.tensorboard")
+
+
 def open_trackers(args):
     """--wandb / --tensorboard: experiment tracking with the same metrics as metrics.jsonl (off by default).
-    wandb runs offline when no API key is set up (sync later with `wandb sync`); a missing package is one line."""
-    if getattr(args, "wandb", False):
-        try:
-            import wandb
-        except ImportError:
-            raise cli.UsageError("--wandb needs the wandb package: pip install wandb")
-        netrc = Path.home() / ".netrc"
-        has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
-        if not os.environ.get("WANDB_MODE") and not has_key:
+    wandb runs offline when no API key is set up (sync later with `wandb sync`); anything that stops a
+    tracker from starting is one line naming it."""
+    check_trackers(args)
+    if getattr(args, "wandb", None) is not None:
+        wandb = import_tracker("--wandb", "wandb")
+        if not os.environ.get("WANDB_MODE") and not wandb_has_key():
             os.environ["WANDB_MODE"] = "offline"
             print(f"wandb: no API key, logging offline to {args.out_dir}/wandb (upload later: wandb sync <that dir>)")
-        run = wandb.init(project=args.wandb, name=args.out_dir.name, dir=str(args.out_dir), resume="allow",
-                         id=f"{args.out_dir.name}-{args.seed}", config={k: str(v) for k, v in vars(args).items()})
+        try:
+            run = wandb.init(project=args.wandb, name=args.out_dir.name, dir=str(args.out_dir), resume="allow",
+                             id=f"{args.out_dir.name}-{args.seed}",
+                             config={k: str(v) for k, v in vars(args).items()})
+        except Exception as e:  # noqa: BLE001 -- wandb's own errors (a bad WANDB_MODE, a refused key, ...)
+            raise cli.UsageError(f"--wandb: wandb could not start ({type(e).__name__}: {cli.first_line(e)}); fix "
+                                 "that, or drop --wandb (metrics.jsonl has the same numbers)")
         _trackers.append(lambda step, numbers: run.log(numbers, step=step))
         _closers.append(run.finish)
     if getattr(args, "tensorboard", False):
+        SummaryWriter = import_tracker("--tensorboard", "tensorboard", "torch.utils.tensorboard").SummaryWriter
         try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise cli.UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
-        writer = SummaryWriter(str(args.out_dir / "tensorboard"))
+            writer = SummaryWriter(str(args.out_dir / "tensorboard"))
+        except Exception as e:  # noqa: BLE001 -- e.g. <out-dir>/tensorboard is a file
+            raise cli.UsageError(f"--tensorboard: cannot write {args.out_dir / 'tensorboard'} ({cli.first_line(e)})")
 
         def write(step, numbers):
             for name, value in numbers.items():

@@ -8,10 +8,14 @@ One function, `load_model`, covers every way a user names a model:
 Options: a LoRA adapter on all linear layers (peft), NF4 4-bit weights (bitsandbytes; QLoRA), and a
 saved adapter to load on top (`adapter=`, a directory written by train_r3.py).
 """
+import functools
 import importlib.util
 import os
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -79,9 +83,16 @@ def resolve(name: str) -> tuple[str, str | None]:
     if name == DEFAULT_MODEL:
         return str(embedded_model_dir()), None
     path = Path(name).expanduser()
-    if path.suffix == ".gguf":
+    if path.suffix.lower() == ".gguf":
         if not path.is_file():
             raise UsageError(f"model file not found: {path}")
+        try:
+            with open(path, "rb") as f:
+                magic = f.read(4)
+        except OSError as e:
+            raise UsageError(f"{path}: cannot read the model file ({e.strerror or e})")
+        if magic != b"GGUF":  # transformers' own check is a ValueError traceback after its imports
+            raise UsageError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
         return str(path.parent), path.name
     if path.exists():
         if not (path / "config.json").exists():
@@ -90,7 +101,53 @@ def resolve(name: str) -> tuple[str, str | None]:
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
         raise UsageError(f"unknown model '{name}': use '{DEFAULT_MODEL}', a Hub id like "
                          "Qwen/Qwen2.5-1.5B-Instruct, a local model directory, or a .gguf file")
+    if hub_offline() and not in_hub_cache(name):
+        raise UsageError(hub_error(name))  # now, not after 30-50 s of transformers' retries
     return name, None  # a Hub id
+
+
+def hub_error(name: str) -> str:
+    return (f"could not load '{name}' from the Hugging Face Hub (no network, or no such model); download it "
+            "elsewhere and pass its local directory with --model /path/to/dir")
+
+
+def hub_offline() -> bool:
+    """No Hub to ask: HF_HUB_OFFLINE is set, or the Hub cannot be reached."""
+    return hub_offline_mode() or not hub_reachable()
+
+
+def hub_offline_mode() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Does a connection to the Hub open within `timeout` seconds? The connect runs in a thread, so a DNS
+    lookup that hangs is cut off too. Behind a proxy a direct connect tells nothing: assume reachable."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    reached = []
+
+    def connect():
+        try:
+            socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+            reached.append(True)
+        except OSError:
+            pass
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
+    return bool(reached)
+
+
+def in_hub_cache(name: str) -> bool:
+    """Was this Hub model downloaded before (its config.json is in the local Hub cache)?"""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 -- a malformed id or a damaged cache: not usable offline
+        return False
 
 
 LORA_TARGETS = {"all": "all-linear", "qv": ["q_proj", "v_proj"]}  # --lora-targets: which layers get LoRA
@@ -103,11 +160,12 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
     layers, or on the attention's q and v projections (lora_targets="qv", Re-ReST's official setting);
     adapter= loads a saved (trainable) adapter instead; load_in_4bit gives NF4 weights (QLoRA).
     cpu_layout: on the CPU, the frozen weights in the layout its GEMM reads fastest (use_cpu_layout)."""
+    source, gguf_file = resolve(name)  # before transformers' imports: a wrong name fails in a second
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = pick_device(device)
     dtype = pick_dtype(device, dtype)
-    source, gguf_file = resolve(name)
-    kwargs = {"dtype": dtype}
+    # a Hub id offline reads the local Hub cache only: no retries against a Hub that cannot answer
+    kwargs = {"dtype": dtype, "local_files_only": source == name and not Path(source).exists() and hub_offline()}
     if load_in_4bit:
         if gguf_file:
             raise UsageError("4-bit loading of a .gguf file is not supported by transformers; "
@@ -118,13 +176,16 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
             bnb_4bit_use_double_quant=True)
         kwargs["device_map"] = {"": device}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
+                                                  local_files_only=kwargs["local_files_only"])
         model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, **kwargs)
-    except OSError as e:
+    except Exception as e:  # noqa: BLE001 -- a damaged .gguf fails in many ways (struct.error, KeyError, ...)
+        if not (isinstance(e, (OSError, ValueError)) or gguf_file):  # ValueError: a config it cannot read
+            raise
         if Path(source).exists():
-            raise UsageError(f"could not load model from {source}: {str(e).splitlines()[0]}")
-        raise UsageError(f"could not load '{source}' from the Hugging Face Hub (no network, or no such "
-                         "model); download it elsewhere and pass its local directory with --model /path/to/dir")
+            raise UsageError(f"could not load model from {Path(source) / gguf_file if gguf_file else source}: "
+                             f"{_first_line(e)}")
+        raise UsageError(hub_error(source))
     if not load_in_4bit:
         model.to(device)
     model.generation_config.pad_token_id = setup_tokenizer(tokenizer)
@@ -187,19 +248,19 @@ def resolve_adapter(path: str) -> Path:
                      "or an adapter directory (with adapter_config.json)")
 
 
-def load_adapter(model, adapter, model_name: str):
-    """A saved LoRA adapter on top of model, its files checked first: a missing, empty, truncated or corrupt
-    file, or an adapter trained on another base model, is one line naming the file and what is wrong."""
+def check_adapter(adapter) -> dict:
+    """An adapter directory's files, checked without a model: a missing, empty, truncated or corrupt file is
+    one line naming it and what is wrong. Returns adapter_config.json's contents."""
     import json
-    from peft import PeftModel
     from safetensors.torch import load_file
     config, weights = Path(adapter) / "adapter_config.json", Path(adapter) / "adapter_model.safetensors"
     if not config.exists():
         raise UsageError(f"no LoRA adapter in {adapter} (adapter_config.json missing)")
     try:
-        if not isinstance(json.loads(config.read_text()), dict):
+        contents = json.loads(config.read_text())
+        if not isinstance(contents, dict):
             raise ValueError("not a JSON object")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
         raise UsageError(f"{config}: not a valid adapter config ({_first_line(e)})")
     if not weights.exists() and not (Path(adapter) / "adapter_model.bin").exists():
         raise UsageError(f"{weights}: missing (the adapter's weights)")
@@ -208,6 +269,14 @@ def load_adapter(model, adapter, model_name: str):
             raise ValueError("holds no tensors")
     except Exception as e:  # noqa: BLE001 -- safetensors raises its own error type for every kind of damage
         raise UsageError(f"{weights}: empty, truncated or corrupt ({_first_line(e)})")
+    return contents
+
+
+def load_adapter(model, adapter, model_name: str):
+    """A saved LoRA adapter on top of model, its files checked first (check_adapter); an adapter trained on
+    another base model is one line too."""
+    from peft import PeftModel
+    check_adapter(adapter)
     try:
         return PeftModel.from_pretrained(model, adapter, is_trainable=True)
     except Exception as e:  # noqa: BLE001 -- size mismatch (RuntimeError), bad config fields (TypeError, ...)

@@ -58,7 +58,9 @@ def check_same_run(args):
     changed = [k for k in SAME_RUN if isinstance(before, dict) and k in before and before[k] != str(getattr(args, k))]
     if changed:
         was = ", ".join(f"--{k.replace('_', '-')} {before[k]}" for k in changed)
-        now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" for k in changed)
+        by = getattr(args, "preset_flags", {})  # a flag --quick or a recipe set: say so, the user never gave it
+        now = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)}" + (f" (set by {by[k]})" if k in by else "")
+                        for k in changed)
         raise UsageError(f"--resume: {args.out_dir} was trained with {was}, not {now}; resume with the run's "
                          "settings, or pick another --out-dir")
 
@@ -138,7 +140,17 @@ def trim_metrics(run_dir: Path, state: dict, say):
 
 
 def clear_temporaries(run_dir: Path):
-    """A save killed midway leaves its temporary directory; under the lock nothing else can be writing it."""
-    for tmp in run_dir.glob(".tmp-ckpt-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    (run_dir / ".latest.tmp").unlink(missing_ok=True)
+    """A save killed midway leaves its temporary directory; under the lock nothing else can be writing it.
+    A `latest` that is a directory (resume fell back past it) would make the next save fail: it is moved
+    aside, not deleted, since it is not ours."""
+    for tmp in [*run_dir.glob(".tmp-ckpt-*"), run_dir / ".latest.tmp"]:
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+    latest = run_dir / "latest"
+    if latest.is_dir() and not latest.is_symlink():
+        aside = next(run_dir / f"latest.not-a-pointer{i or ''}" for i in range(1000)
+                     if not (run_dir / f"latest.not-a-pointer{i or ''}").exists())
+        latest.rename(aside)
+        print(f"--resume: {latest} is a directory, not the checkpoint pointer; moved it to {aside}")

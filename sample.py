@@ -303,22 +303,26 @@ def validate(args):
 
 
 def main():
-    from model import DEFAULT_MODEL, load_model, stop_token_ids
+    from model import DEFAULT_MODEL, load_model, resolve_adapter, stop_token_ids
     p = argparse.ArgumentParser(description="Print sampled completions of a prompt.")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, Hub id, local dir or .gguf file")
-    p.add_argument("--adapter", default=None, help="a LoRA adapter directory (e.g. runs/x/latest/adapter)")
+    p.add_argument("--adapter", default=None, help="a run directory (its latest checkpoint, e.g. runs/countdown-r3), "
+                   "a checkpoint directory or an adapter directory")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--n", type=int, default=1, help="completions to sample (at least 1)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="at least 1; with the prompt, at most the "
                    "model's context")
-    p.add_argument("--temperature", type=float, default=0.8, help=">= 0 (0: greedy)")
+    p.add_argument("--temperature", type=float, default=0.8, help=">= 0 and finite (0: greedy)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass, in (0, 1]")
     p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="load NF4 4-bit weights")
     p.add_argument("--seed", type=int, default=None)
     args = p.parse_args()
+    cli.check_not_empty(p, args)
     validate(args)
-    model, tok = load_model(args.model, adapter=args.adapter, load_in_4bit=args.load_in_4bit)
+    # the same run/checkpoint/adapter directories as eval.py and export.py, found before the model loads
+    adapter = str(resolve_adapter(args.adapter)) if args.adapter is not None else None
+    model, tok = load_model(args.model, adapter=adapter, load_in_4bit=args.load_in_4bit)
     model.eval()
     if args.chat:
         ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,

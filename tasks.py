@@ -312,7 +312,7 @@ def _load_external(task, source):
     path = Path(source).expanduser()
     if path.is_file():
         rows = datafiles.read_file(path)
-    elif path.suffix in FILE_SUFFIXES or source.startswith((".", "/", "~")):
+    elif path.suffix.lower() in FILE_SUFFIXES or source.startswith((".", "/", "~")):
         raise UsageError(f"{source}: no such file")
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         rows = datafiles.read_hub(source)

@@ -32,7 +32,7 @@ import rollout
 import score
 import tasks
 from loop import PARTIAL_CREDIT, TASK_TOKENS
-from model import DEFAULT_MODEL, LORA_TARGETS, resolve_adapter
+from model import DEFAULT_MODEL, LORA_TARGETS, resolve, resolve_adapter
 from rollout import Gen
 from sample import mix_seed
 
@@ -98,14 +98,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="training steps (default 10; embedded model on "
                    f"countdown: {EMBEDDED_COUNTDOWN['steps']})")
     p.add_argument("--train-size", type=int, default=64, help="training queries (first attempts sampled on these)")
-    p.add_argument("--eval-size", type=int, default=32, help="held-out examples for the periodic eval")
+    p.add_argument("--eval-size", type=int, default=32, help="held-out examples for the periodic eval (0: no eval)")
     p.add_argument("--eval-every", type=int, default=10, help="steps between evals (0: never)")
     p.add_argument("--save-every", type=int, default=5, help="steps between checkpoints")
     p.add_argument("--out-dir", default=None, help="run directory (default runs/<task>-<method>)")
     p.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a check that the whole loop runs, in minutes on a laptop "
-                   f"CPU: sets {QUICK} (flags you give win) and a new temporary --out-dir")
+                   f"CPU: sets {QUICK} (flags you give win) and a new temporary --out-dir (with --resume, give the "
+                   "--out-dir to continue)")
     p.add_argument("--wandb", nargs="?", const="r3", default=None, metavar="PROJECT",
                    help="also log the metrics to Weights & Biases (project 'r3' unless named; offline without an API key)")
     p.add_argument("--tensorboard", action="store_true", help="also log the metrics to <out-dir>/tensorboard")
@@ -120,20 +121,24 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=4, help="Re-ReST: samples per input")
     p.add_argument("--sft-epochs", type=int, default=3, help="Re-ReST: epochs of supervised fine-tuning (paper: 3)")
     args = p.parse_args(argv)
+    cli.check_not_empty(p, args)  # --out-dir "" would silently train into runs/<task>-<method>
     words = sys.argv[1:] if argv is None else list(argv)
     given = {act.dest for act in p._actions for opt in act.option_strings
              for w in words if w == opt or w.startswith(opt + "=")}
     # The presets fill only the flags the user did not give; --quick's sizes win over the recipe's.
     presets = ([QUICK] if args.quick else []) + ([EMBEDDED_COUNTDOWN] if args.model == DEFAULT_MODEL and
                                                  args.task == "countdown" and args.method in ("r3", "grpo") else [])
+    args.preset_flags = {}  # flag -> the preset that set it, so a message about it can say so
     for preset in presets:
         for name, value in preset.items():
             if name not in given and (args.method == "r3" or name not in R3_ONLY):
                 setattr(args, name, value)
                 given.add(name)
+                args.preset_flags[name] = "--quick" if preset is QUICK else "the embedded model's countdown recipe"
     args.steps = 10 if args.steps is None else args.steps
     if args.warmup_steps is None and args.method == "r3" and EMBEDDED_COUNTDOWN in presets:
         args.warmup_steps = args.steps // 3
+        args.preset_flags["warmup_steps"] = "the embedded model's countdown recipe"
     args.warmup_steps = args.warmup_steps or 0
     args.refresh_failures = args.refresh_failures or 0
     if args.method == "score" and args.kl_beta is not None:
@@ -144,9 +149,13 @@ def parse_args(argv=None):
             setattr(args, name, value)
     args.kl_beta = 0.001 if args.kl_beta is None else args.kl_beta
     args.max_new_tokens = args.max_new_tokens or TASK_TOKENS[args.task]
+    if args.eval_size == 0:  # no held-out examples: no eval (not an "accuracy" of 0 on none)
+        args.eval_every = 0
     if args.quick and args.out_dir is None and os.environ.get("WORLD_SIZE", "1") == "1":
-        # a throwaway check: a new directory each time, never an old run's (ranks would each make their own)
-        args.out_dir = tempfile.mkdtemp(prefix=f"r3-quick-{args.task}-{args.method}-")
+        # A throwaway check: a new directory each time, never an old run's (ranks would each make their
+        # own). Named here, made with the lock: a refusal before that leaves nothing in the temp dir.
+        args.out_dir = os.path.join(tempfile.gettempdir(), f"r3-quick-{args.task}-{args.method}-"
+                                    f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
     args.out_dir = Path(args.out_dir or f"runs/{args.task}-{args.method}")
     args.stage1_steps = args.steps // 2 if args.stage1_steps is None else args.stage1_steps
     return args
@@ -164,7 +173,9 @@ limits (checked before anything loads; a broken one is one error line, exit code
   --group-size: at least 2 for r3 and grpo, at least 1 otherwise
   --lr, --clip-eps: > 0; --temperature: > 0 (Re-ReST: >= 0); --kl-beta, --alpha, --beta1, --beta2,
   --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps, --warmup-steps,
-  --refresh-failures, --token-budget: >= 0; r3: --warmup-steps below --steps
+  --refresh-failures, --token-budget: >= 0; r3: --warmup-steps below --steps; every number finite
+  --eval-size 0: no eval (--eval-every is then ignored); --out-dir, --source, --model and the other
+  names and paths: not empty
   --out-dir: a directory that can be written; one run at a time (a lock); a fresh run refuses a directory
   that already holds a run's metrics or checkpoints (--resume it, or pick another --out-dir)
   data rows: at most {tasks.MAX_ROW_CHARS:,} characters each, and a prompt that fits the model's context
@@ -172,21 +183,12 @@ limits (checked before anything loads; a broken one is one error line, exit code
 
 
 def validate(args):
-    """Every flag that argparse accepts but no run could use: one line at parse time, not a crash later."""
+    """Every flag that argparse accepts but no run could use: one line at parse time, not a crash later.
+    Each flag's own limits first, then the rules between flags, so a message names the flag to fix."""
     a, rl_method = args, args.method in ("r3", "grpo")
-    if a.group_size < 2 and rl_method:
-        raise cli.UsageError(f"--group-size must be at least 2 for {a.method}: a group of one has no advantage "
-                             f"(its reward minus its own mean), so nothing would be learned; got {a.group_size}")
-    if a.method != "r3" and (a.warmup_steps or a.refresh_failures):
-        raise cli.UsageError("--warmup-steps and --refresh-failures are R3's (its phases); "
-                             f"--method {a.method} has neither")
-    if a.method == "r3" and a.warmup_steps >= a.steps:
-        raise cli.UsageError(f"--warmup-steps {a.warmup_steps} leaves no R3 step of --steps {a.steps}")
-    if a.init_adapter:
-        resolve_adapter(a.init_adapter)  # a missing adapter fails now, not after the data and model load
-    if a.temperature <= 0 and a.method != "rerest":
-        raise cli.UsageError(f"--temperature must be > 0 for training: at {a.temperature} every sample of a "
-                             "group is the same, so no group carries signal")
+    if a.quick and a.resume and a.out_dir is None:
+        raise cli.UsageError("--quick --resume needs --out-dir, the quick run to continue (--quick alone "
+                             "starts a new temporary one)")
     at_least_1 = ["steps", "batch_size", "group_size", "micro_batch", "updates_per_batch", "save_every",
                   "train_size", "reflect_tokens", "k"]
     non_negative = ["eval_size", "eval_every", "sft_epochs", "alpha", "beta1", "beta2", "stage1_beta_t2",
@@ -201,8 +203,28 @@ def validate(args):
     rules += [(name, getattr(a, name), getattr(a, name) is None or getattr(a, name) >= 0, ">= 0")
               for name in ("kl_beta", "stage1_steps")]
     cli.check_flags([("--" + name.replace("_", "-"), value, ok, want) for name, value, ok, want in rules])
+    if a.group_size < 2 and rl_method:
+        raise cli.UsageError(f"--group-size must be at least 2 for {a.method}: a group of one has no advantage "
+                             f"(its reward minus its own mean), so nothing would be learned; got {a.group_size}")
+    if a.method != "r3" and (a.warmup_steps or a.refresh_failures):
+        raise cli.UsageError("--warmup-steps and --refresh-failures are R3's (its phases); "
+                             f"--method {a.method} has neither")
+    if a.method == "r3" and a.warmup_steps >= a.steps:
+        raise cli.UsageError(f"{said(a, 'warmup_steps')} leaves no R3 step of {said(a, 'steps')}; give fewer "
+                             "--warmup-steps or more --steps")
+    if a.temperature <= 0 and a.method != "rerest":
+        raise cli.UsageError(f"--temperature must be > 0 for training: at {a.temperature} every sample of a "
+                             "group is the same, so no group carries signal")
+    if a.init_adapter:
+        resolve_adapter(a.init_adapter)  # a missing adapter fails now, not after the data and model load
     if a.out_dir is not None and Path(a.out_dir).exists() and not Path(a.out_dir).is_dir():
         raise cli.UsageError(f"--out-dir {a.out_dir}: exists and is not a directory")
+
+
+def said(args, name: str) -> str:
+    """A flag as the run has it, and who set it when the user did not: `--steps 2 (set by --quick)`."""
+    by = getattr(args, "preset_flags", {}).get(name)
+    return f"--{name.replace('_', '-')} {getattr(args, name)}" + (f" (set by {by})" if by else "")
 
 
 # ---------------------------------------------------------------------------------------------- the data
@@ -359,6 +381,10 @@ def main(argv=None):
     test = tasks.load_examples(args.task, "test", source=args.source, n=args.eval_size, seed=args.seed)
     if not train:
         raise cli.UsageError(f"no training examples for {args.task} from {args.source or 'the default source'}")
+    # Then the model's name and the trackers, before the run directory: errors in the order a user fixes them.
+    resolve(args.model)
+    if int(os.environ.get("RANK", "0")) == 0:
+        loop.check_trackers(args)
     if int(os.environ.get("RANK", "0")) == 0:
         print(header(args))
     model, tok, optimizer, state, rank, size = loop.setup(args)

@@ -197,14 +197,17 @@ def run_script_file(path, env, port: int = 29533):
 @pytest.mark.parametrize("argv, message", [
     (["--task", "countdown", "--model", "/no/such/model"], "unknown model"),
     (["--task", "countdown", "--source", "/no/such/file.jsonl"], "/no/such/file.jsonl"),
-    (["--task", "countdown", "--resume", "--out-dir", "/tmp/r3-empty-run-dir"], "no checkpoint"),
+    (["--task", "countdown", "--resume", "--out-dir", "empty-run-dir"], "no checkpoint"),
     (["--task", "countdown", "--group-size", "1"], "--group-size must be at least 2"),
     (["--task", "countdown", "--method", "grpo", "--temperature", "0"], "--temperature must be > 0"),
 ])
-def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_model_dir):
+def test_bad_input_is_one_line_and_exit_2(argv, message, tiny_model_dir, tmp_path):
+    """In a directory of its own: the default --out-dir (runs/...) is never the checkout's."""
     if "--model" not in argv:
         argv = argv + ["--model", str(tiny_model_dir)]
-    r = subprocess.run([sys.executable, "train_r3.py", *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    (tmp_path / "empty-run-dir").mkdir()
+    r = subprocess.run([sys.executable, str(ROOT / "train_r3.py"), *argv], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error:") and message in r.stderr and "Traceback" not in r.stderr
 
