@@ -169,14 +169,13 @@ def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_
 
 def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_size: int, label: str) -> list[dict]:
     """Both tries on every example not already in the results file, a chunk at a time; all records."""
-    from tqdm import tqdm
     import rollout
     from rollout import Gen
     path = out / f"results-{config_hash(config)}.jsonl"
     done = read_results(path)
     if not path.exists():
         path.write_text(json.dumps({"config": config}) + "\n")
-    bar = tqdm(total=len(examples), initial=sum(ex["id"] in done for ex in examples), desc=label, unit="ex")
+    bar = cli.bar(total=len(examples), initial=sum(ex["id"] in done for ex in examples), desc=label, unit="ex")
     with rollout.progress(f"{label}: sampling", leave=False):  # a token bar under the example bar
         for start in range(0, len(examples), batch_size):
             chunk = [ex for ex in examples[start:start + batch_size] if ex["id"] not in done]
@@ -203,6 +202,8 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
                 f.write("".join(json.dumps(row) + "\n" for row in rows))
             done.update((row["id"], row) for row in rows)
             bar.update(len(chunk))
+            cli.progress_line(f"{label}: {sum(ex['id'] in done for ex in examples)}/{len(examples)} examples, "
+                              f"{seconds * len(chunk):.1f} s for the last {len(chunk)}")
     bar.close()
     return [done[ex["id"]] for ex in examples]
 
