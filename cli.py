@@ -12,6 +12,31 @@ from pathlib import Path
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 
+def on_terminal() -> bool:
+    """Where progress goes, decided here for every command. Bars are for a person at a terminal; in a log
+    (stderr a file or a pipe) a bar's redraws leave a line per refresh and cursor escapes, so there no bar
+    is drawn and each loop prints one plain line per step instead (progress_line)."""
+    return sys.stderr.isatty()
+
+
+if not on_terminal():  # transformers' own bars ("Loading weights") too: it reads this when it is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def bar(**kwargs):
+    """A tqdm bar, drawn at a terminal by rank 0 only (torchrun); elsewhere a disabled one, whose update,
+    set_postfix and close do nothing (iterating it still yields, tqdm.write still prints)."""
+    from tqdm import tqdm
+    return tqdm(disable=not on_terminal() or os.environ.get("RANK", "0") != "0", **kwargs)
+
+
+def progress_line(line: str):
+    """What a log gets where a terminal gets a bar: one plain line, from rank 0, flushed so it is in the
+    log when it happens."""
+    if not on_terminal() and os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+
+
 class UsageError(Exception):
     """A missing file, malformed row, unknown task or model: reported as one line, exit code 2."""
 
@@ -42,9 +67,10 @@ def check_flags(rules: list[tuple[str, object, bool, str]]):
 def check_not_empty(parser, args):
     """A path or name flag given as "" would silently mean its default (--out-dir "" trained into runs/...)."""
     for action in parser._actions:
-        value = getattr(args, action.dest, None)
-        if isinstance(value, str) and not value.strip():
-            raise UsageError(f"{(action.option_strings or [action.dest])[-1]} is empty")
+        values = getattr(args, action.dest, None)
+        for value in values if isinstance(values, list) else [values]:
+            if isinstance(value, str) and not value.strip():
+                raise UsageError(f"{(action.option_strings or [action.dest])[-1]} is empty")
 
 
 def writable_dir(path, flag: str) -> Path:

@@ -4,6 +4,7 @@
     python eval.py --task countdown --n 100 --adapter runs/countdown-r3 --compare   # base | trained, one table
     python eval.py --task math --method score --adapter runs/math-score             # SCoRe's second try
     python eval.py --plot runs/countdown-r3/metrics.jsonl                           # -> runs/countdown-r3/metrics.png
+    python eval.py --plot runs/s1/metrics.jsonl runs/s2/metrics.jsonl --plot-out seeds.png   # mean, min-max band
 
 First try on every example, then the second try. r3: a failed first try is followed by a reflection
 and a retry (a passed one stands); score: the fixed correction instruction on every example, with no
@@ -51,8 +52,10 @@ def parse_args(argv=None):
                    help="examples per chunk (sampled together, then saved; at least 1)")
     p.add_argument("--out", default="evals", help="directory for results and summaries (must be writable)")
     p.add_argument("--seed", type=int, default=0, help="test-split order and sampling seed")
-    p.add_argument("--plot", default=None, metavar="METRICS_JSONL", help="plot a training run's metrics instead")
-    p.add_argument("--plot-out", default=None, help="PNG path (default: the metrics file with .png)")
+    p.add_argument("--plot", default=None, nargs="+", metavar="METRICS_JSONL",
+                   help="plot a training run's metrics instead; several files (seeds of one setting): their mean "
+                        "and min-max band")
+    p.add_argument("--plot-out", default=None, help="PNG path (default: the first metrics file with .png)")
     args = p.parse_args(argv)
     cli.check_not_empty(p, args)  # --out "" or --plot "" would silently mean the default
     return args
@@ -171,14 +174,13 @@ def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_
 
 def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_size: int, label: str) -> list[dict]:
     """Both tries on every example not already in the results file, a chunk at a time; all records."""
-    from tqdm import tqdm
     import rollout
     from rollout import Gen
     path = out / f"results-{config_hash(config)}.jsonl"
     done = read_results(path)
     if not path.exists():
         path.write_text(json.dumps({"config": config}) + "\n")
-    bar = tqdm(total=len(examples), initial=sum(ex["id"] in done for ex in examples), desc=label, unit="ex")
+    bar = cli.bar(total=len(examples), initial=sum(ex["id"] in done for ex in examples), desc=label, unit="ex")
     with rollout.progress(f"{label}: sampling", leave=False):  # a token bar under the example bar
         for start in range(0, len(examples), batch_size):
             chunk = [ex for ex in examples[start:start + batch_size] if ex["id"] not in done]
@@ -205,6 +207,8 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
                 f.write("".join(json.dumps(row) + "\n" for row in rows))
             done.update((row["id"], row) for row in rows)
             bar.update(len(chunk))
+            cli.progress_line(f"{label}: {sum(ex['id'] in done for ex in examples)}/{len(examples)} examples, "
+                              f"{seconds * len(chunk):.1f} s for the last {len(chunk)}")
     bar.close()
     return [done[ex["id"]] for ex in examples]
 
@@ -225,7 +229,7 @@ def validate(args):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
-        return plot(Path(args.plot), Path(args.plot_out) if args.plot_out else None)
+        return plot([Path(p) for p in args.plot], Path(args.plot_out) if args.plot_out else None)
     from model import load_model, resolve_adapter
     adapter = resolve_adapter(args.adapter) if args.adapter else None
     if args.compare and adapter is None:
@@ -303,25 +307,70 @@ def read_metrics(path: Path) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def plot(path: Path, out: Path | None = None) -> Path:
-    rows = read_metrics(path)
-    out = cli.writable_file(out or path.with_suffix(".png"), "--plot-out")
+SMOOTH = 5  # steps in the rolling mean of the training curves (a step's reward is a mean of ~16 samples)
+
+
+def rolling_mean(ys: list[float], window: int = SMOOTH) -> list[float]:
+    """The mean of each point and the window - 1 before it (fewer at the start): light smoothing that
+    never looks ahead, so a curve does not move before the run did."""
+    return [sum(ys[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(ys))]
+
+
+def seed_mean(runs_rows: list[list[dict]], key: str):
+    """Steps where every run has key, the runs' mean there, and the min and max over runs."""
+    values = [{r["step"]: r[key] for r in rows if isinstance(r.get(key), (int, float))} for rows in runs_rows]
+    steps = sorted(set.intersection(*(set(v) for v in values)))
+    per_step = [[v[s] for v in values] for s in steps]
+    return steps, [sum(x) / len(x) for x in per_step], [min(x) for x in per_step], [max(x) for x in per_step]
+
+
+def phase_cuts(rows: list[dict]) -> list[tuple[int, str, str]]:
+    """(last step, phase, next phase) where a run's phase changes (warm-up -> r3)."""
+    train = [r for r in rows if r.get("kind") == "train" and r.get("phase")]
+    return [(a["step"], a["phase"], b["phase"]) for a, b in zip(train, train[1:]) if a["phase"] != b["phase"]]
+
+
+def plot(paths: list[Path], out: Path | None = None) -> Path:
+    """Training curves of one run, or of several seeds of one setting (their mean, and a band from the
+    lowest to the highest seed). Per-step training numbers are noisy (a step's reward is a mean of ~16
+    samples): drawn faint, with a rolling mean over SMOOTH steps on top, restarted where the phase changes
+    (a warm-up's reward is the first attempt's, R3's the retry's: different quantities). The held-out
+    accuracies (a few evals) are drawn as they are, with markers."""
+    runs_rows = [read_metrics(p) for p in paths]
+    out = cli.writable_file(out or paths[0].with_suffix(".png"), "--plot-out")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    several, cuts = len(runs_rows) > 1, phase_cuts(runs_rows[0])
     fig, axes = plt.subplots(2, 2, figsize=(10, 7), sharex=True)
     for ax, (title, keys) in zip(axes.flat, PANELS):
-        for key in keys:
-            points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-            if points:
-                ax.plot(*zip(*points), marker="o" if key.startswith("acc") else None, markersize=3, label=key)
-        if len(keys) > 1 and ax.lines:
-            ax.legend()
+        for n, key in enumerate(keys):
+            steps, mean, lo, hi = seed_mean(runs_rows, key)
+            if not steps:
+                continue
+            color, name = f"C{n}", key + (f", mean of {len(runs_rows)} runs" if several else "")
+            if several:
+                ax.fill_between(steps, lo, hi, color=color, alpha=0.2, linewidth=0, label=f"{key}, lowest to highest run")
+            if key.startswith("acc"):
+                ax.plot(steps, mean, color=color, marker="os"[n % 2], markersize=4 + 2 * (n % 2), label=name,
+                        linestyle="-" if n == 0 else "--", markerfacecolor="none" if n else color)  # t2 = t1 stays visible
+                continue
+            ax.plot(steps, mean, color=color, alpha=0.35, linewidth=1, label=f"{name}, per step")
+            bounds = [0] + [k + 1 for k, s in enumerate(steps[:-1]) if s in {c[0] for c in cuts}] + [len(steps)]
+            for k, (a, b) in enumerate(zip(bounds, bounds[1:])):
+                ax.plot(steps[a:b], rolling_mean(mean[a:b]), color=color, linewidth=2,
+                        label=f"{name}, mean of the last {SMOOTH} steps" if k == 0 else None)
+        for step, _, _ in cuts:
+            ax.axvline(step + 0.5, color="grey", linestyle=":", linewidth=1)
+        if ax.lines:
+            ax.legend(fontsize=7)
+        else:  # e.g. no held-out eval (--eval-every 0): say so, rather than leave a blank panel
+            ax.text(0.5, 0.5, f"no {' / '.join(keys)} in the metrics", ha="center", transform=ax.transAxes)
         ax.set_title(title)
         ax.grid(alpha=0.3)
     for ax in axes[1]:
-        ax.set_xlabel("step")
-    fig.suptitle(str(path))
+        ax.set_xlabel("step" + ("".join(f"   (dotted: {a} -> {b} after step {s})" for s, a, b in cuts)))
+    fig.suptitle(", ".join(str(p) for p in paths))
     fig.tight_layout()
     try:
         fig.savefig(out, dpi=120)

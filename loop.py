@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 import cli
 import rl
@@ -293,8 +292,8 @@ def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict]
             print(f"step 0: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}")
             log_line(args, record)
     model.train()
-    bar = tqdm(range(state["step"], args.steps), initial=state["step"], total=args.steps, disable=rank != 0,
-               desc=f"{args.method} {args.task}")
+    bar = cli.bar(iterable=range(state["step"], args.steps), initial=state["step"], total=args.steps,
+                  desc=f"{args.method} {args.task}")
     for step in bar:
         if budget and state["tokens"] >= budget:
             break
@@ -310,6 +309,10 @@ def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict]
         if size > 1 and not rl.in_sync(params):
             raise RuntimeError(f"step {step + 1}: the ranks' adapters differ (a data-parallel bug)")
         bar.set_postfix(reward=f"{record['reward']:.3f}", signal=f"{record['signal_frac']:.2f}")
+        cli.progress_line(f"step {step + 1}/{args.steps} {args.method} {args.task}"
+                          + (f" ({record['phase']})" if "phase" in record else "")
+                          + f": reward {record['reward']:.3f}, signal {record['signal_frac']:.2f}, "
+                          f"{record.get('step_s', 0.0):.1f} s, {state['tokens']} tokens so far")
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             record.update(evaluate(model, tok, args, test, rank, size))
             bar.write(f"step {step + 1}: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}")
@@ -322,6 +325,8 @@ def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict]
         if size > 1:
             dist.barrier()
         if last:
+            bar.update()  # the loop leaves before the bar counts this step: it would end one short
+            bar.close()
             if budget and step + 1 < args.steps and rank == 0:
                 bar.write(f"--token-budget {budget}: reached after step {step + 1} ({state['tokens']} tokens)")
             break

@@ -30,7 +30,6 @@ import math
 from contextlib import contextmanager
 
 import torch
-from tqdm import tqdm
 
 import cli
 import loop
@@ -154,7 +153,7 @@ def sft(model, tok, optimizer, args, data: list[Turn], phase: str, step: int, se
         return step
     samples = [rl.Sample(t.prompt_ids, t.ids, 0.0) for t in data]  # the advantage is not used by SFT
     bs = args.batch_size
-    bar = tqdm(total=args.sft_epochs * math.ceil(len(samples) / bs), disable=rank != 0, desc=f"rerest {phase} sft")
+    bar = cli.bar(total=args.sft_epochs * math.ceil(len(samples) / bs), desc=f"rerest {phase} sft")
     for epoch in range(args.sft_epochs):
         losses = []
         for batch in epoch_batches(len(samples), bs, seed + epoch, rank, size):
@@ -185,7 +184,7 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
         record = {"step": step, "kind": "rerest", "round": round_, **record}
         if rank == 0:
             loop.log_line(args, record)
-            if not record["phase"].endswith("_sft"):  # those have their progress bar
+            if not record["phase"].endswith("_sft") or not cli.on_terminal():  # at a terminal, sft has its bar
                 print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
 
     # 1. The agent samples k outputs per input; D_M is made of the passing ones.

@@ -4,10 +4,10 @@ R3, plain GRPO, SCoRe, Re-ReST and eval.py all sample through these functions. E
 records holding the exact sampled token ids (the trainer scores exactly what was sampled) and the
 decoded text (the verifier judges the text).
 """
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
+import cli
 import sample
 import tasks
 from sample import generate, mix_seed, trim_past
@@ -18,11 +18,11 @@ _bar = None  # the token bar of the innermost progress() block; sample_turns fee
 @contextmanager
 def progress(desc: str, leave: bool = True):
     """In the block, every sample_turns call counts its sampled tokens on one tqdm bar (a count and a
-    rate), so no wait on the sampler is silent. Shown by rank 0 only under torchrun."""
+    rate), so no wait on the sampler is silent. Drawn at a terminal only (cli.bar): in a log, the loop
+    around the block prints its line when the block is done."""
     global _bar
-    from tqdm import tqdm
     outer = _bar
-    _bar = tqdm(desc=desc, unit="tok", leave=leave, disable=os.environ.get("RANK", "0") != "0")
+    _bar = cli.bar(desc=desc, unit="tok", leave=leave)
     try:
         yield _bar
     finally:

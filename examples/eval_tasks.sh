@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The embedded model's two-try table on every task (README "Results"). ~20 min on a 2-core CPU.
+# The embedded model's two-try table on every task (docs/results.md). ~20 min on a 2-core CPU.
 #   bash examples/eval_tasks.sh [--model ...]    (a rerun reuses finished examples)
 set -euo pipefail
 cd "$(dirname "$0")/.."

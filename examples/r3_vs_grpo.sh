@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# R3 vs plain GRPO at equal compute on the embedded model (README "R3 vs GRPO at equal compute").
+# R3 vs plain GRPO at equal compute on the embedded model (docs/results.md, "R3 vs GRPO at equal compute").
 #  1. start: one shared starting adapter, 10 GRPO steps with partial credit (the main command's warm-up).
 #  2. From it, for each seed: R3 (failure set rebuilt every 5 steps) and GRPO, both with partial credit
-#     (the binary reward gave R3 almost no signal here: README), each until BUDGET sampled tokens --
+#     (the binary reward gave R3 almost no signal here: docs/results.md), each until BUDGET sampled tokens --
 #     compute is counted in sampled tokens, R3's failure sets included. SCoRe (through Stage II) and Re-ReST (one round) from the same adapter, one seed.
 #  3. eval.py, greedy, two tries, on the same N held-out problems: base, start, every run.
 #  4. examples/report.py: the table with bootstrap intervals (docs/r3_vs_grpo.md) and the curves (.png).

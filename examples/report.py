@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
+import eval as ev  # noqa: E402  (its rolling mean, the one eval.py --plot draws)
 
 METRICS = (("acc@t1", lambda t1, t2: t1), ("acc@t2", lambda t1, t2: t2), ("Δ", lambda t1, t2: t2 - t1),
            ("Δ i→c", lambda t1, t2: (not t1) and t2), ("Δ c→i", lambda t1, t2: t1 and not t2))
@@ -153,32 +154,62 @@ def train_tokens(runs: Path, label: str) -> str:
     return f"{sum(totals) / len(totals):,.0f}" if totals else "—"
 
 
-def plot(runs: Path, order: list[str], path: Path):
-    """Training curves against sampled tokens: the fraction of sampled answers that pass (R3: retries)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colors = {}
+SMOOTH = 3  # steps in each run's rolling mean (an R3 arm has only 8-9 steps per seed)
+
+
+def arm_curves(runs: Path, key: str) -> dict[str, list[tuple[list[float], list[float]]]]:
+    """{label: [(sampled tokens, key) per training step, one pair per seed's run]}."""
+    arms = {}
     for run in sorted(runs.iterdir()):
         metrics = run / "metrics.jsonl"
         if not metrics.is_file():
             continue
-        label = re.sub(r"-s\d+$", "", run.name)
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r]
-        if not train:
-            continue
-        first = label not in colors
-        color = colors.setdefault(label, f"C{len(colors)}")
-        x = [r["tokens_total"] for r in train]
-        for ax, key in zip(axes, ("solved", "signal_frac")):
-            ax.plot(x, [r.get(key, 0.0) for r in train], color=color, alpha=0.7, label=label if first else None)
-    for ax, title in zip(axes, ("training: fraction of sampled answers that pass", "groups with signal")):
+        if train:
+            arms.setdefault(re.sub(r"-s\d+$", "", run.name), []).append(
+                ([r["tokens_total"] for r in train], [r.get(key, 0.0) for r in train]))
+    return arms
+
+
+def seed_band(curves: list[tuple[list[float], list[float]]], points: int = 60):
+    """The seeds' smoothed curves on one token grid (each seed's steps land at different token counts):
+    the grid, their mean, and the lowest and highest seed. The grid stops where the shortest seed stops,
+    so every point is a mean over all seeds."""
+    import numpy as np
+    start, stop = max(x[0] for x, _ in curves), min(x[-1] for x, _ in curves)
+    grid = np.linspace(start, stop, points) if stop > start else np.array([start])
+    ys = np.array([np.interp(grid, x, ev.rolling_mean(y, SMOOTH)) for x, y in curves])
+    return grid, ys.mean(0), ys.min(0), ys.max(0)
+
+
+def plot(runs: Path, order: list[str], path: Path):
+    """Training curves against sampled tokens, one per arm: the mean over its seeds of each run's rolling
+    mean over SMOOTH steps, a band from the lowest to the highest seed, and the seeds' raw steps as faint
+    dots (an arm of one run: its raw steps and its rolling mean)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, title in zip(axes, ("solved", "signal_frac"),
+                              ("training: fraction of sampled answers that pass", "groups with signal")):
+        arms = arm_curves(runs, key)
+        labels = [x for x in order if x in arms] + sorted(set(arms) - set(order))
+        for n, label in enumerate(labels):
+            curves, color = arms[label], f"C{n}"
+            for x, y in curves:
+                ax.plot(x, y, ".", color=color, alpha=0.3, markersize=4)
+            grid, mean, lo, hi = seed_band(curves)
+            seeds = f"mean of {len(curves)} seeds" if len(curves) > 1 else "1 run"
+            ax.plot(grid, mean, color=color, linewidth=2, label=f"{label} ({seeds})")
+            if len(curves) > 1:
+                ax.fill_between(grid, lo, hi, color=color, alpha=0.2, linewidth=0)
         ax.set_title(title)
         ax.set_xlabel("sampled tokens")
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
+    fig.suptitle(f"lines: each run's mean of its last {SMOOTH} steps, averaged over seeds; bands: lowest to "
+                 "highest seed; dots: single steps", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

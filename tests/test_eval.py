@@ -264,3 +264,23 @@ def test_results_file_follows_the_code_and_the_adapter_weights(tiny_model_dir, r
     [weights] = adapter.glob("adapter_model.safetensors")
     save_file({k: v * 2 for k, v in load_file(weights).items()}, weights)  # retrained, same path
     assert sampled("--adapter", str(adapter)) == 2
+
+
+def test_rolling_mean_never_looks_ahead():
+    assert ev.rolling_mean([0, 0, 0, 9, 0], window=3) == [0, 0, 0, 3, 3]
+    assert ev.rolling_mean([2, 4], window=5) == [2, 3]  # fewer points at the start
+
+
+def test_several_runs_plot_their_mean_and_band(tmp_path):
+    paths = []
+    for k, rewards in enumerate(([0.1, 0.2, 0.3], [0.3, 0.4, 0.5, 0.9])):  # the second run has one more step
+        paths.append(tmp_path / f"s{k}.jsonl")
+        paths[-1].write_text("".join(json.dumps({"step": i + 1, "kind": "train", "reward": r, "kl": 0.0,
+                                                 "signal_frac": 0.5, "phase": "warmup" if i == 0 else "r3"}) + "\n"
+                                     for i, r in enumerate(rewards)))
+    rows = [ev.read_metrics(p) for p in paths]
+    steps, mean, lo, hi = ev.seed_mean(rows, "reward")
+    assert steps == [1, 2, 3] and [round(m, 6) for m in mean] == [0.2, 0.3, 0.4] and lo == [0.1, 0.2, 0.3]
+    assert hi == [0.3, 0.4, 0.5] and ev.phase_cuts(rows[0]) == [(1, "warmup", "r3")]
+    ev.main(["--plot", *map(str, paths), "--plot-out", str(tmp_path / "seeds.png")])
+    assert (tmp_path / "seeds.png").stat().st_size > 1000

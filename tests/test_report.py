@@ -48,3 +48,16 @@ def test_table_rows_intervals_and_the_arm_difference(tmp_path):
 def test_interval_is_the_middle_95_percent():
     lo, hi = report.interval(list(range(1001)))
     assert (lo, hi) == (25, 975)
+
+
+def test_seed_band_is_the_mean_of_the_seeds_on_their_common_tokens():
+    # two seeds whose steps land at different token counts; smoothing off to check the arithmetic
+    report.SMOOTH, smooth = 1, report.SMOOTH
+    try:
+        grid, mean, lo, hi = report.seed_band([([0, 100, 200], [0.0, 1.0, 2.0]), ([0, 50, 150], [1.0, 1.5, 2.5])],
+                                              points=4)
+    finally:
+        report.SMOOTH = smooth
+    assert list(grid) == [0, 50, 100, 150]  # stops where the shorter seed stops
+    assert [round(v, 6) for v in mean] == [0.5, 1.0, 1.5, 2.0] and list(lo) == [0.0, 0.5, 1.0, 1.5]
+    assert list(hi) == [1.0, 1.5, 2.0, 2.5]
