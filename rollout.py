@@ -38,7 +38,7 @@ class Gen:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | list[int] | None = None
-    batch_size: int = 16  # prompts per sampler call, bounds memory in long evals
+    batch_size: int | None = None  # prompts per sampler call; None: as many as sample.KV_BUDGET_BYTES holds
 
 
 @dataclass
@@ -96,8 +96,9 @@ def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int =
     assert seeds is None or len(seeds) == len(prompts), "one seed per conversation"
     pasts = list(pasts) if pasts is not None and sample.REUSE else [None] * len(prompts)
     turns = []
-    for start in range(0, len(prompts), gen.batch_size):
-        end = start + gen.batch_size
+    size = gen.batch_size or sample.prompts_per_call(model, prompts, gen.max_new_tokens, n)
+    for start in range(0, len(prompts), size):
+        end = start + size
         chunk = prompts[start:end]
         past = [trim_past(p, q) for p, q in zip(pasts[start:end], chunk)]
         pasts[start:end] = [None] * len(chunk)  # freed as soon as they are in this chunk's batch

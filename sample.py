@@ -38,6 +38,23 @@ from transformers.cache_utils import DynamicLayer
 REUSE = True
 
 
+# The keys and values one sampler call may hold (rollout.sample_turns splits its prompts to fit): wide
+# decode batches cost little more per step than narrow ones (each step reads every weight once), so the
+# failure set and the evals run as many rows at once as this allows. 2 GiB: ~120 Countdown rows of the
+# embedded model (fp32), ~48 rows of 1,536 tokens of Qwen2.5-1.5B in bf16.
+KV_BUDGET_BYTES = 2 * 2**30
+
+
+def prompts_per_call(model, prompts: list[list[int]], max_new_tokens: int, n: int = 1) -> int:
+    """How many of `prompts` (each sampled n times, up to max_new_tokens) fit in KV_BUDGET_BYTES."""
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * kv_heads * head_dim * next(model.parameters()).element_size()
+    per_prompt = per_token * n * (max(map(len, prompts), default=1) + max_new_tokens)
+    return max(1, KV_BUDGET_BYTES // per_prompt)
+
+
 @dataclass
 class Past:
     """The keys and values of one sequence, `ids`, per layer ([1, kv heads, len(ids), head dim] each):

@@ -47,7 +47,8 @@ QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, 
 # with partial credit, and a failure set rebuilt as the policy improves. Hub models keep the paper's setting.
 # Its warm-up is a third of --steps (10 of 30).
 EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "reward": "partial", "lr": 2e-4,
-                      "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12}
+                      "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12,
+                      "micro_batch": 16}  # micro_batch: an R3 step (4 x 4) in one pass; the same gradient
 R3_ONLY = {"warmup_steps", "refresh_failures"}
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}

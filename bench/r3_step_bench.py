@@ -19,11 +19,14 @@ sampling phases, trained (reflection) tokens for the update. --json prints one J
 Each sampling phase's time is split into prefill (sample.prefill: the prompt tokens) and the rest
 (decoding, one token per live row per forward).
 
---reuse both (the default) runs the bench twice, each in its own process so that its peak memory is its
-own: KV reuse off, then on (sample.REUSE), with the same seeds and the same failed queries (the second
-run samples its first attempts too, timed, then takes the first run's failure set), and prints the two
-side by side with the line "R3 step speed-up from KV reuse: X.XX×", and the ceiling of any prefill
-saving: the reuse-off step over the reuse-on step less its remaining prefill. --reuse on / off: one run.
+--reuse both (the default) runs the bench three times, each in its own process so that its peak memory
+is its own, with the same seeds and the same failed queries (each later run samples its first attempts
+too, timed, then takes the first run's failure set):
+  - before: the tree of git revision --before (the code before the sampler rewrite of issue 20), reuse on;
+  - now, KV reuse off, then on (sample.REUSE).
+It prints them side by side with the lines "R3 step speed-up vs before: X.XX×" (before vs now, reuse on),
+"R3 step speed-up from KV reuse: X.XX×" and the ceiling of any prefill saving: the reuse-off step over
+the reuse-on step less its remaining prefill. --before none skips the first run. --reuse on / off: one run.
 """
 import argparse
 import functools
@@ -44,6 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 PHASES = ("first attempts", "reflections", "retries", "update", "other")
+BEFORE = "211ccf6"  # main before the sampler rewrite of issue 20
 
 
 class Clock:
@@ -102,6 +106,8 @@ class Clock:
     def wrap_step(self, fn):
         @functools.wraps(fn)
         def train_step(*args, **kwargs):
+            if not self.steps:  # the steps' own peak RSS, without the failure set's sampling before them
+                reset_peak_rss()
             self.step, self.in_step = len(self.steps), []
             if self.cuda:
                 self.torch.cuda.reset_peak_memory_stats()
@@ -115,6 +121,24 @@ class Clock:
             self.step = None
             return out
         return train_step
+
+
+def reset_peak_rss():
+    """Linux: start the process's peak resident set size (VmHWM) afresh."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_rss_gb() -> float | None:
+    """Linux: the peak resident set size since the last reset_peak_rss (or the start), GiB."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except (OSError, StopIteration):
+        return None
 
 
 def summarize(clock: Clock, warmup: int) -> dict:
@@ -168,6 +192,7 @@ def parse(argv=None):
     p.add_argument("--json", action="store_true", help="also print the result as one JSON line")
     p.add_argument("--reuse", default="both", choices=["both", "on", "off"],
                    help="KV reuse in the rollouts: both = off, then on, each in its own process")
+    p.add_argument("--before", default=BEFORE, help="--reuse both: the git revision timed as 'before' (none: skip)")
     p.add_argument("--queries", default=None, help="(internal) a file sharing the failed queries between runs")
     p.add_argument("--result", default=None, help="(internal) write the result as JSON to this file")
     own, rest = p.parse_known_args(argv)
@@ -182,19 +207,27 @@ def compare(own, train_argv) -> dict:
     """--reuse both: one run with KV reuse off, one with it on, each in its own process."""
     work = tempfile.mkdtemp(prefix="r3-reuse-bench-")
     results = {}
+    runs = [("off", os.path.abspath(__file__), "off"), ("on", os.path.abspath(__file__), "on")]
+    if own.before != "none":  # the old tree, unpacked from git, runs its own copy of this bench
+        tree = os.path.join(work, "before")
+        os.makedirs(tree)
+        archive = subprocess.run(f"git -C {ROOT} archive {own.before} | tar -x -C {tree}", shell=True)
+        if archive.returncode:
+            raise SystemExit(f"--before {own.before}: git archive failed (a clone with its history is needed)")
+        runs.insert(0, ("before", os.path.join(tree, "bench", "r3_step_bench.py"), "on"))
     try:
-        for mode in ("off", "on"):
-            out = os.path.join(work, f"{mode}.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--reuse", mode, "--steps", str(own.steps),
+        for name, script, mode in runs:
+            out = os.path.join(work, f"{name}.json")
+            cmd = [sys.executable, script, "--reuse", mode, "--steps", str(own.steps),
                    "--warmup", str(own.warmup), "--rewards", own.rewards, "--queries", os.path.join(work, "queries.json"),
                    "--result", out] + (["--model-config", own.model_config, "--random-weights"] if own.model_config else []) \
                 + (["--4bit"] if own.load_in_4bit else []) + (["--tokenizer", own.tokenizer] if own.tokenizer else []) \
                 + ["--"] + train_argv
             print(f"$ {' '.join(cmd)}", flush=True)
             if subprocess.run(cmd).returncode:
-                raise SystemExit(f"the reuse-{mode} run failed")
+                raise SystemExit(f"the {name} run failed")
             with open(out) as f:
-                results[mode] = json.load(f)
+                results[name] = json.load(f)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     off, on = results["off"], results["on"]
@@ -210,7 +243,8 @@ def compare(own, train_argv) -> dict:
     print(f"| **step s** | **{off['step_s']:.2f}** | **{on['step_s']:.2f}** | **{off['step_s'] / on['step_s']:.2f}×** |")
     # CPU seconds (all threads) of the process: less sensitive than wall time to other load on the machine
     print(f"| step CPU s | {off['step_cpu_s']:.2f} | {on['step_cpu_s']:.2f} | {off['step_cpu_s'] / on['step_cpu_s']:.2f}× |")
-    for key, label in (("peak_rss_gb", "peak RSS GiB"), ("peak_gb", "peak GPU memory GiB")):
+    for key, label in (("peak_rss_gb", "peak RSS GiB (whole run)"), ("step_peak_rss_gb", "peak RSS GiB (steps)"),
+                       ("peak_gb", "peak GPU memory GiB")):
         if off.get(key) is not None:
             print(f"| {label} | {off[key]:.2f} | {on[key]:.2f} | |")
     print(f"\nR3 step speed-up from KV reuse: {off['step_s'] / on['step_s']:.2f}×", flush=True)
@@ -220,6 +254,23 @@ def compare(own, train_argv) -> dict:
     print(f"Ceiling for any prefill saving (reuse-off step / reuse-on step without its {on['step_prefill_s']:.2f} s of "
           f"prefill): {off['step_s'] / floor:.2f}×", flush=True)
     result = {"off": off, "on": on, "speedup": off["step_s"] / on["step_s"], "ceiling": off["step_s"] / floor}
+    if "before" in results:
+        before = results["before"]
+        print(f"\nBefore ({own.before}, KV reuse on) vs now (KV reuse on): the same seeds and failed queries\n")
+        print("| | before | now | speed-up |")
+        print("|---|---|---|---|")
+        for phase in PHASES:
+            row(f"{phase} s", before["phases"][phase]["s"], on["phases"][phase]["s"])
+        print(f"| **step s** | **{before['step_s']:.2f}** | **{on['step_s']:.2f}** | "
+              f"**{before['step_s'] / on['step_s']:.2f}×** |")
+        row("step CPU s", before["step_cpu_s"], on["step_cpu_s"])
+        for key, label in (("peak_rss_gb", "peak RSS GiB (whole run)"), ("step_peak_rss_gb", "peak RSS GiB (steps)"),
+                           ("peak_gb", "peak GPU memory GiB")):
+            if on.get(key) is not None:
+                print(f"| {label} | {before[key]:.2f} | {on[key]:.2f} | |" if before.get(key) is not None else
+                      f"| {label} | not measured | {on[key]:.2f} | |")
+        print(f"\nR3 step speed-up vs before: {before['step_s'] / on['step_s']:.2f}×", flush=True)
+        result.update(before=before, speedup_vs_before=before["step_s"] / on["step_s"])
     if own.json:
         print("RESULT " + json.dumps(result), flush=True)
     return result
@@ -281,7 +332,8 @@ def main(argv=None):
     result.update({"config": {k: str(v) for k, v in vars(args).items() if k in (
         "model", "task", "group_size", "batch_size", "micro_batch", "max_new_tokens", "reflect_tokens",
         "lora_r", "load_in_4bit", "train_size")}, "rewards": own.rewards, "wall_s": wall, "reuse": own.reuse,
-        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20})  # Linux: KiB
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
+        "step_peak_rss_gb": peak_rss_gb()})
     c = result["config"]
     print_table(result, f"R3 step on {own.model_config or c['model']}{' (4-bit + LoRA)' if own.load_in_4bit else ''}: "
                         f"{c['batch_size']} failed queries x {c['group_size']} reflections, reflections "

@@ -1,7 +1,16 @@
-"""Tokens/s of sample.generate vs HF model.generate, in one run, on two workloads.
+"""Tokens/s of sample.generate: against the sampler as it was before (decode), and against HF
+model.generate (group, fewshot).
 
-    python bench/sample_bench.py [--model smollm2-135m] [--prompts 2] [--n 8] [--new 128] [--repeats 2]
-                                 [--workload both|group|fewshot]
+    python bench/sample_bench.py                      # decode: before vs now, batch 16 and 64, matmul limit
+    python bench/sample_bench.py --workload fewshot   # vs HF generate (also: group, all)
+
+decode: the embedded model with a LoRA (r 16, all linear layers, random non-zero B as after training),
+Countdown first-attempt prompts (~316 tokens) x n = 4, temperature 1, seeded, 32 new tokens (stops
+ignored). "before" is sample.py as of --before (a git revision; its generate, on a model loaded without
+model.use_cpu_layout); "now" is this tree's. Decode time = the 33-token run less the 1-token run (the
+prefill). The matmul limit: the same model's linear layers (the frozen weights in the layout the sampler
+uses, the LoRA pairs and the output head) run back to back at the same row count, nothing else: the
+time a decode step could not go below. Prints "decode speed-up vs before: X.XX×" (batch 16).
 
 group: each prompt gets a group of n samples (temperature 1, fixed length: stop tokens ignored, so
 both sides produce exactly the same number of tokens). Prompts of about 100 and about 500 tokens.
@@ -23,6 +32,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import DEFAULT_MODEL, load_model, stop_token_ids  # noqa: E402
 from sample import generate  # noqa: E402
+
+BEFORE = "211ccf6"  # main before the decode rewrite of issue 20
 
 FILLER = ("The quick brown fox jumps over the lazy dog while the farmer counts his sheep, "
           "and the river runs on past the old mill toward the sea. ")
@@ -82,6 +93,113 @@ def fewshot(model, tok, prompts, n, new):
     return ours_tokens / ours_s, hf_tokens / hf_s, ours_s, hf_s, ours_tokens, hf_tokens
 
 
+def sampler_before(rev: str):
+    """sample.py as of git revision rev, imported as its own module."""
+    import importlib.util
+    import subprocess
+    import tempfile
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = subprocess.run(["git", "-C", root, "show", f"{rev}:sample.py"], capture_output=True, text=True)
+    if text.returncode:
+        raise SystemExit(f"--before {rev}: git show failed (a clone with its history is needed): {text.stderr.strip()}")
+    path = os.path.join(tempfile.mkdtemp(prefix="sampler-before-"), "sample_before.py")
+    with open(path, "w") as f:
+        f.write(text.stdout)
+    spec = importlib.util.spec_from_file_location("sample_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def lora_model(cpu_layout: bool):
+    """The embedded model with LoRA r 16 on all linear layers, A and B random (seeded; B non-zero as a
+    trained adapter's)."""
+    model, tok = load_model(DEFAULT_MODEL, lora_r=16, cpu_layout=cpu_layout)
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.01 if "lora_B" in name else 0.04))
+    return model, tok
+
+
+def decode_time(sampler, model, tok, prompts, n, new=32, repeats=2):
+    """(seconds per decode step, outputs): the median over repeats of the (new + 1)-token run less the
+    1-token run, both sampled with the same seed, divided by new."""
+    def run(k):
+        t = time.perf_counter()
+        outs = sampler.generate(model, prompts, n=n, max_new_tokens=k, temperature=1.0, seed=0, ignore_stop=True,
+                                pad_token_id=tok.pad_token_id)
+        return time.perf_counter() - t, outs
+    run(2)
+    times = []
+    for _ in range(repeats):
+        t1, _ = run(1)
+        t, outs = run(new + 1)
+        times.append((t - t1) / new)
+    return statistics.median(times), outs
+
+
+def matmul_limit(model, rows: int, repeats: int = 3) -> dict:
+    """Seconds for one pass of the model's matmuls at `rows` rows, run back to back on inputs made
+    beforehand: the frozen linear layers (as the model stores and computes them), the LoRA pairs (A and
+    B), the output head, and their total."""
+    import torch.nn.functional as F
+    head = model.get_output_embeddings()
+    groups = {"frozen": [], "lora": [], "head": [head]}
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Linear) and m is not head:
+            groups["lora" if "lora_" in name else "frozen"].append(m)
+    inputs = {d: torch.randn(rows, d) for d in {m.in_features for ms in groups.values() for m in ms}}
+    out = {}
+    with torch.inference_mode():
+        for group, layers in groups.items():
+            def one_pass():
+                for layer in layers:
+                    x = inputs[layer.in_features]
+                    layer(x) if layer is not head else F.linear(x, layer.weight)
+            one_pass()
+            t = time.perf_counter()
+            for _ in range(repeats):
+                one_pass()
+            out[group] = (time.perf_counter() - t) / repeats
+    out["total"] = sum(out.values())
+    return out
+
+
+def decode_workload(args):
+    import rollout
+    import tasks
+    before = sampler_before(args.before)
+    import sample
+    rows = {}
+    for label, sampler, layout in (("before", before, False), ("now", sample, True)):
+        model, tok = lora_model(layout)
+        exs = tasks.load_examples("countdown", "train", n=16)
+        prompts = [rollout.chat_ids(tok, tasks.first_attempt_messages("countdown", ex)) for ex in exs]
+        for batch in args.decode_batches:
+            step_s, outs = decode_time(sampler, model, tok, prompts[:batch // 4], 4, repeats=args.repeats)
+            limit_s = matmul_limit(model, batch) if label == "now" else None
+            rows[label, batch] = (step_s, outs, limit_s)
+            print(f"  {label} batch {batch}: {1000 * step_s:.1f} ms/step", flush=True)
+        del model
+    print(f"\ndecode, embedded model + LoRA r 16, Countdown prompts x n = 4, 32 new tokens, temperature 1, "
+          f"threads={torch.get_num_threads()}; before = sample.py at {args.before}\n")
+    print("| batch | before tok/s | now tok/s | speed-up | now ms/step | matmul limit ms/step (frozen + LoRA + "
+          "head) | limit / now | same tokens |")
+    print("|---|---|---|---|---|---|---|---|")
+    for batch in args.decode_batches:
+        (b_s, b_out, _), (n_s, n_out, lim) = rows["before", batch], rows["now", batch]
+        same = sum(x == y for x, y in zip(b_out, n_out))
+        parts = " + ".join(f"{1000 * lim[k]:.1f}" for k in ("frozen", "lora", "head"))
+        print(f"| {batch} | {batch / b_s:.1f} | {batch / n_s:.1f} | {b_s / n_s:.2f}× | {1000 * n_s:.1f} | "
+              f"{1000 * lim['total']:.1f} ({parts}) | {100 * lim['total'] / n_s:.0f}% | {same}/{len(n_out)} |")
+    first = args.decode_batches[0]
+    print(f"\ndecode speed-up vs before: {rows['before', first][0] / rows['now', first][0]:.2f}× (batch {first})",
+          flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -92,18 +210,25 @@ def main():
     p.add_argument("--new", type=int, default=128, help="new tokens per sample")
     p.add_argument("--lengths", type=int, nargs="+", default=[100, 500])
     p.add_argument("--repeats", type=int, default=2, help="group: timed runs per side (median reported)")
-    p.add_argument("--workload", default="both", choices=["both", "group", "fewshot"])
+    p.add_argument("--workload", default="decode", choices=["decode", "group", "fewshot", "both", "all"],
+                   help="both: group and fewshot; all: the three")
+    p.add_argument("--before", default=BEFORE, help="decode: the git revision whose sample.py is 'before'")
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[16, 64], help="decode: rows (multiples of 4)")
     p.add_argument("--fewshot-prompts", type=int, default=16)
     p.add_argument("--fewshot-n", type=int, default=4)
     p.add_argument("--fewshot-new", type=int, default=48)
     args = p.parse_args()
     torch.manual_seed(0)
+    if args.workload in ("decode", "all"):
+        decode_workload(args)
+        if args.workload == "decode":
+            return
     model, tok = load_model(args.model)
     model.eval()
     dev = next(model.parameters()).device
     print(f"model={args.model} device={dev} dtype={next(model.parameters()).dtype} threads={torch.get_num_threads()}")
     rows = []
-    for length in args.lengths if args.workload in ("both", "group") else []:
+    for length in args.lengths if args.workload in ("both", "group", "all") else []:
         prompts = make_prompts(tok, args.prompts, length)
         time_ours(model, prompts, args.n, 8)  # warm-up both paths
         time_hf(model, tok, prompts, args.n, 8)
@@ -117,7 +242,7 @@ def main():
         print("|---|---|---|---|---|---|")
         for length, ours, hf, ratio in rows:
             print(f"| {length} | {args.prompts} x {args.n} | {args.new} | {ours:.1f} | {hf:.1f} | {ratio:.2f}x |")
-    if args.workload in ("both", "fewshot"):
+    if args.workload in ("both", "fewshot", "all"):
         prompts = fewshot_prompts(tok, args.fewshot_prompts)
         common = len(os.path.commonprefix(prompts))
         fewshot(model, tok, prompts[:2], 2, 4)  # warm-up both paths
