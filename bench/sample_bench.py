@@ -174,7 +174,8 @@ def decode_workload(args):
     before = sampler_before(args.before)
     import sample
     rows = {}
-    for label, sampler, layout in (("before", before, False), ("now", sample, True)):
+    for label, sampler, layout in (("before", before, False), ("now, standard layout", sample, False),
+                                   ("now", sample, True)):
         model, tok = lora_model(layout)
         exs = tasks.load_examples("countdown", "train", n=16)
         prompts = [rollout.chat_ids(tok, tasks.first_attempt_messages("countdown", ex)) for ex in exs]
@@ -186,15 +187,17 @@ def decode_workload(args):
         del model
     print(f"\ndecode, embedded model + LoRA r 16, Countdown prompts x n = 4, 32 new tokens, temperature 1, "
           f"threads={torch.get_num_threads()}; before = sample.py at {args.before}\n")
-    print("| batch | before tok/s | now tok/s | speed-up | now ms/step | matmul limit ms/step (frozen + LoRA + "
-          "head) | limit / now | same tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | before tok/s | now, standard layout tok/s | now tok/s | speed-up | now ms/step | matmul "
+          "limit ms/step (frozen + LoRA + head) | limit / now | same tokens as before |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.decode_batches:
-        (b_s, b_out, _), (n_s, n_out, lim) = rows["before", batch], rows["now", batch]
+        (b_s, b_out, _), (s_s, _, _), (n_s, n_out, lim) = [rows[k, batch] for k in ("before", "now, standard layout",
+                                                                                    "now")]
         same = sum(x == y for x, y in zip(b_out, n_out))
         parts = " + ".join(f"{1000 * lim[k]:.1f}" for k in ("frozen", "lora", "head"))
-        print(f"| {batch} | {batch / b_s:.1f} | {batch / n_s:.1f} | {b_s / n_s:.2f}× | {1000 * n_s:.1f} | "
-              f"{1000 * lim['total']:.1f} ({parts}) | {100 * lim['total'] / n_s:.0f}% | {same}/{len(n_out)} |")
+        print(f"| {batch} | {batch / b_s:.1f} | {batch / s_s:.1f} | {batch / n_s:.1f} | {b_s / n_s:.2f}× | "
+              f"{1000 * n_s:.1f} | {1000 * lim['total']:.1f} ({parts}) | {100 * lim['total'] / n_s:.0f}% | "
+              f"{same}/{len(n_out)} |")
     first = args.decode_batches[0]
     print(f"\ndecode speed-up vs before: {rows['before', first][0] / rows['now', first][0]:.2f}× (batch {first})",
           flush=True)

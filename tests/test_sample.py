@@ -1,4 +1,6 @@
 """sample.generate: exact greedy decoding, shared prefill, early exit, seeds, LoRA/4-bit."""
+import sys
+
 import pytest
 import torch
 
@@ -244,3 +246,77 @@ def test_trim_past_keeps_the_part_a_prompt_starts_with(tiny, prompt, kept):
         torch.testing.assert_close(k, layer.keys, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(v, layer.values, rtol=1e-4, atol=1e-5)
     assert sample.trim_past(None, prompt) is None
+
+
+def test_one_host_sync_per_decode_step(tiny, monkeypatch):
+    """The decode loop reads one small tensor per step on the host (which rows stopped) and the tokens once
+    at the end: on a GPU nothing else in sample.py waits for the queue."""
+    m, tok = tiny
+    reads = []
+    for name in ("tolist", "item", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _original=original, **k):
+            if sys._getframe(1).f_code.co_filename == sample.__file__:
+                reads.append(sys._getframe(1).f_code.co_name)
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    prompts = [tok(t)["input_ids"] for t in TEXTS]
+    outs = generate(m, prompts, n=2, max_new_tokens=10, temperature=1.0, seed=0, ignore_stop=True,
+                    pad_token_id=tok.pad_token_id)
+    assert [len(o) for o in outs] == [10] * 8
+    assert reads.count("generate") == 10 + 1 and set(reads) == {"generate"}
+
+
+def test_stopped_rows_leave_the_batch_in_groups(tiny):
+    """A row that stops stays in the batch (masked) until a quarter of the batch has stopped; then all
+    stopped rows leave at once, and the outputs are those of rows that left at once."""
+    m, tok = tiny
+    batch_sizes = []
+    hook = m.register_forward_pre_hook(lambda mod, args, kw: batch_sizes.append(kw["input_ids"].shape[0]),
+                                       with_kwargs=True)
+    prompts = [tok(t)["input_ids"] for t in TEXTS * 2]
+    try:
+        free = generate(m, prompts, max_new_tokens=12, temperature=0, pad_token_id=tok.pad_token_id)
+        stop = [free[0][2]]  # a token row 0 emits (and maybe others)
+        batch_sizes.clear()
+        ours = generate(m, prompts, max_new_tokens=12, temperature=0, stop_token_ids=stop,
+                        pad_token_id=tok.pad_token_id)
+    finally:
+        hook.remove()
+    cut = [next((i + 1 for i, t in enumerate(o) if t in stop), len(o)) for o in free]
+    assert ours == [o[:c] for o, c in zip(free, cut)]
+    stopped_by = [sum(c <= s + 1 for c in cut) for s in range(12)]  # rows stopped after step s
+    expected, dead, rows = [8], 0, 8
+    for s in range(11):
+        dead = stopped_by[s] - (8 - rows)
+        if rows - dead == 0:
+            break
+        if dead * 4 >= rows:
+            rows -= dead
+        expected.append(rows)
+    assert batch_sizes == expected and min(expected) < 8
+
+
+def test_prompts_per_call_fits_the_kv_budget(tiny, monkeypatch):
+    """rollout.sample_turns splits its prompts into calls that fit sample.KV_BUDGET_BYTES; the chunks give
+    the tokens of one call (per-row seeded streams)."""
+    import rollout
+    m, tok = tiny
+    c = m.config
+    per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads) * 4
+    convs = [[{"role": "user", "content": t}] for t in TEXTS]
+    prompts = [rollout.chat_ids(tok, c) for c in convs]
+    longest = max(map(len, prompts))
+    monkeypatch.setattr(sample, "KV_BUDGET_BYTES", per_token * 2 * (longest + 8) * 3)
+    assert sample.prompts_per_call(m, prompts, 8, n=2) == 3
+    calls = []
+    original = rollout.generate
+    monkeypatch.setattr(rollout, "generate", lambda model, chunk, **kw: calls.append(len(chunk)) or
+                        original(model, chunk, **kw))
+    turns = rollout.sample_turns(m, tok, convs, rollout.Gen(8, 1.0, seed=5), n=2)
+    assert calls == [3, 1]
+    monkeypatch.setattr(sample, "KV_BUDGET_BYTES", 2**40)
+    calls.clear()
+    assert [t.ids for t in rollout.sample_turns(m, tok, convs, rollout.Gen(8, 1.0, seed=5), n=2)] == [t.ids for t in turns]
+    assert calls == [4]

@@ -70,3 +70,19 @@ def test_shared_prompt_logprobs_match_plain(lora_tiny, temperature, prefix, reus
     ref_plain = rl.reference_logprobs(m, ids, attn, comp.shape[1], temperature)
     torch.testing.assert_close(ref_shared * comp, ref_plain * comp, rtol=0, atol=1e-5)
     assert not torch.allclose(ref_plain * comp, plain.detach() * comp)
+
+
+@pytest.mark.parametrize("which", [[0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1], [0, 1, 1, 2], [1, 0], [0, 0, 1]])
+def test_repeat_rows_is_a_gather_with_its_gradient(which):
+    """rl.repeat_rows: x[which], by an expand where groups are contiguous and of one size, else a gather;
+    the values and the gradient are a gather's either way."""
+    x = torch.randn(3, 2, 4, 5, requires_grad=True)
+    idx = torch.tensor(which)
+    w = torch.randn(len(which), 2, 4, 5)
+    (rl.repeat_rows(x, idx) * w).sum().backward()
+    got = x.grad.clone()
+    x.grad = None
+    ref = x[idx]
+    (ref * w).sum().backward()
+    assert torch.equal(rl.repeat_rows(x, idx), ref)
+    torch.testing.assert_close(got, x.grad)
