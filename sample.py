@@ -6,7 +6,8 @@ Why not `model.generate`? It redoes work that our rollouts share:
     (~280 of its ~313 tokens); the batch's longest common prefix is prefilled once, at batch 1;
   - the next turn: a finished row can keep its cache (a `Past`), and the conversation's next turn
     (reflection -> retry, attempt -> correction) prefills only the tokens added since.
-Finished rows are dropped from the batch, so a long straggler does not keep paying for the short ones.
+Stopped rows leave the batch in groups (a quarter of it at a time, one copy of the cache for many), so a
+long straggler does not keep paying for the short ones; the host reads one small tensor per decode step.
 
 The batch's cache, one row per sequence, one column per slot:
 
@@ -198,8 +199,8 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
       keep=True); only the prompt's tokens after it are run.
     share_prefix: without a past, prefill the prompts' longest common prefix once, at batch 1.
     keep: return (completions, pasts), pasts[k] being completion k's Past: its prompt and its tokens
-      but the last (sampled, never fed), ready for the conversation's next turn. Otherwise finished
-      rows' caches are freed as they finish.
+      but the last (sampled, never fed), ready for the conversation's next turn. Otherwise stopped
+      rows' caches are freed when they leave the batch.
     on_tokens: called with the number of tokens sampled at each step (a progress bar's update).
     """
     device = next(model.parameters()).device
