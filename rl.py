@@ -1,20 +1,13 @@
 """The learning half of the loop, shared by R3, GRPO and SCoRe: token log-probs, group advantages,
-the clipped policy-gradient loss with a KL penalty, one optimizer update, and checkpoints; plus the
-supervised (NLL) update of Re-ReST on the same layout.
+the clipped policy-gradient loss with a KL penalty, one optimizer update, data-parallel helpers; plus
+the supervised (NLL) update of Re-ReST on the same layout. (Checkpoints are rundir.py's.)
 
 A training sample is (prompt ids, completion ids, advantage): only the completion's tokens get
 gradient. For R3 the "prompt" holds the task, the failed attempt and the reflection instruction, and
 the "completion" is the reflection, so attempt and retry tokens are masked out by construction.
 """
-import json
-import os
-import random
-import re
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -352,94 +345,3 @@ def gather(obj) -> list:
     out = [None] * size
     dist.all_gather_object(out, list(obj))
     return [x for part in out for x in part]
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict, keep: int = 2) -> Path:
-    """Adapter (standard peft form) + optimizer + trainer state + RNG states, written to a temporary
-    directory and then published by atomically replacing the `latest` pointer file: a kill at any
-    moment leaves the previous checkpoint intact and pointed to."""
-    run_dir = Path(run_dir)
-    final = run_dir / f"ckpt-{state['step']:06d}"
-    tmp = run_dir / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = run_dir / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, run_dir / "latest")
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    """The checkpoint the `latest` pointer names, or None: no pointer, or one that names no checkpoint."""
-    try:
-        name = (Path(run_dir) / "latest").read_text().strip()
-    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable, binary garbage
-        return None
-    ckpt = Path(run_dir) / name
-    return ckpt if re.fullmatch(r"ckpt-\d+", name) and ckpt.is_dir() else None
-
-
-def read_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Every file of a checkpoint, read back and checked against this model and optimizer without changing
-    either: ValueError("<file>: what is wrong") for a file that is missing, corrupt or of another shape."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    def read(name, load):
-        try:
-            return load(ckpt / name)
-        except Exception as e:  # noqa: BLE001 -- json, pickle, safetensors and OS errors all mean "damaged"
-            raise ValueError(f"{name}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}")
-    state = read("state.json", lambda p: json.loads(p.read_text()))
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise ValueError("state.json: no integer step")
-    if not isinstance(read("adapter/adapter_config.json", lambda p: json.loads(p.read_text())), dict):
-        raise ValueError("adapter/adapter_config.json: not a JSON object")
-    adapter = read("adapter/adapter_model.safetensors", load_file)
-    want = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
-    got = {k: v.shape for k, v in adapter.items()}
-    if want != got:
-        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-        raise ValueError(f"adapter/adapter_model.safetensors: {len(diff)} tensor(s) missing or of another shape "
-                         f"than this model's adapter, e.g. {diff[0]} (another --model or --lora-r?)")
-    opt = read("optimizer.pt", lambda p: torch.load(p, weights_only=False))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    try:
-        sizes = [len(g["params"]) for g in opt["param_groups"]]
-        shapes_ok = all(v.shape == params[i].shape for i, st in opt["state"].items() for v in st.values()
-                        if torch.is_tensor(v) and v.dim() > 0)
-    except (KeyError, TypeError, IndexError, AttributeError):
-        sizes, shapes_ok = None, False
-    if sizes != [len(g["params"]) for g in optimizer.param_groups] or not shapes_ok:
-        raise ValueError("optimizer.pt: not this model's optimizer state")
-    rng = read("rng.pt", lambda p: torch.load(p, weights_only=False))
-    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
-        raise ValueError("rng.pt: not the random-number states")
-    return {"state": state, "adapter": adapter, "optimizer": opt, "rng": rng}
-
-
-def load_checkpoint(ckpt: Path, model, optimizer, contents: dict | None = None) -> dict:
-    """Restore adapter weights, optimizer and RNG states in place; return the trainer state. contents:
-    what read_checkpoint returned, if it was already called (it is called here otherwise)."""
-    from peft import set_peft_model_state_dict
-    c = contents or read_checkpoint(ckpt, model, optimizer)
-    set_peft_model_state_dict(model, c["adapter"])
-    optimizer.load_state_dict(c["optimizer"])
-    rng = c["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return c["state"]

@@ -29,6 +29,7 @@ import loop
 import rerest
 import rl
 import rollout
+import rundir
 import score
 import tasks
 from loop import PARTIAL_CREDIT, TASK_TOKENS
@@ -405,7 +406,7 @@ def main(argv=None):
         loop.train_loop(model, tok, optimizer, args, state, items, test, step_fn)
     loop.close_trackers()
     if rank == 0:
-        print(f"done: {args.out_dir}/metrics.jsonl, adapter in {rl.latest_checkpoint(args.out_dir)}/adapter")
+        print(f"done: {args.out_dir}/metrics.jsonl, adapter in {rundir.latest_checkpoint(args.out_dir)}/adapter")
     if size > 1:
         dist.destroy_process_group()
 
