@@ -57,14 +57,22 @@ def my_share(items: list, rank: int, size: int) -> list:
 
 # ---------------------------------------------------------------------------------------------- set-up
 
+def rank_device(local_rank: int) -> str:
+    """This process's device: a GPU, LOCAL_RANK modulo the GPUs it sees (a launcher that gives each process
+    one GPU shows it as cuda:0 to every rank), or the CPU when it sees none."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
 def setup(args):
     """Process group (under torchrun), seeds, run directory, model, optimizer, resumed state."""
+    device = rank_device(int(os.environ.get("LOCAL_RANK", 0)))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():  # before NCCL: its buffers go to the current device, else cuda:0 for all
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device != "cpu":  # before NCCL: its buffers go to the current device, else cuda:0 for all
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
     rank, size = rl.world()
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     # The same seed on every rank: peft draws LoRA-A from it, and the ranks must start as one model.
     torch.manual_seed(args.seed)
     if args.lora_r <= 0:

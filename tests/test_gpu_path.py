@@ -82,3 +82,20 @@ def test_a_checkpoint_from_another_device_layout_resumes(tiny_model_dir, tmp_pat
     assert all(torch.equal(got[k].cpu(), want[k]) and got[k].device == params[0].device or k == "step"
                for k in want)
     assert torch.equal(torch.get_rng_state(), rng["torch"])  # the checkpoint's CPU RNG state is back
+
+
+# ---------------------------------------------------------------------------------------------- devices
+
+@pytest.mark.parametrize("gpus, local_rank, want", [(0, 0, "cpu"), (0, 1, "cpu"), (2, 1, "cuda:1"),
+                                                     (1, 0, "cuda:0"), (1, 1, "cuda:0"), (1, 3, "cuda:0")])
+def test_each_rank_gets_a_device_it_can_see(gpus, local_rank, want, monkeypatch):
+    """A GPU stand-in: a launcher that gives each process one GPU shows it as cuda:0, whatever LOCAL_RANK."""
+    import loop
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    assert loop.rank_device(local_rank) == want
+
+
+def test_the_rank_tests_hide_cuda():
+    from test_train import on_the_cpu
+    assert on_the_cpu({"A": "1"}) == {"A": "1", "CUDA_VISIBLE_DEVICES": ""}

@@ -141,8 +141,15 @@ def test_sigkill_at_a_checkpoint_then_resume_logs_each_step_once(point, step, st
     assert not list(run.glob(".tmp*")) and rundir.latest_checkpoint(run).name == "ckpt-000005"
 
 
+def on_the_cpu(env: dict) -> dict:
+    """CUDA hidden: the comparisons are of gloo ranks on the CPU (on a machine with one GPU, two ranks
+    would otherwise share it, which NCCL refuses)."""
+    return {**env, "CUDA_VISIBLE_DEVICES": ""}
+
+
 def run_script(argv, env, *, ranks: int = 1, port: int = 29531):
     """The scripted trainer in a subprocess: one process, or `ranks` gloo processes under torchrun."""
+    env = on_the_cpu(env)
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
     r = subprocess.run([*launcher, SCRIPT, *argv], capture_output=True, text=True, timeout=300, env=env)
@@ -189,7 +196,7 @@ def test_rank_sync_helpers_under_gloo(tmp_path):
 
 def run_script_file(path, env, port: int = 29533):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(path)], capture_output=True, text=True, timeout=120, env=env)
+                        str(path)], capture_output=True, text=True, timeout=120, env=on_the_cpu(env))
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
