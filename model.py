@@ -300,6 +300,37 @@ def setup_tokenizer(tokenizer) -> int:
     return tokenizer.pad_token_id
 
 
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation, ending with the assistant's generation prompt. A template that refuses
+    a system turn (Gemma-2's, older Mistral-Instruct's) gets the system text folded into the first user
+    turn; a tokenizer with no template (a base model) is one line: every task is a conversation."""
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{name}: its tokenizer has no chat template (a base model?); every task is a chat "
+                         "conversation: use an instruct model, or add a chat_template to its tokenizer_config.json")
+    render = lambda msgs: list(tokenizer.apply_chat_template(  # noqa: E731
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+    if not messages or messages[0]["role"] != "system":
+        return render(messages)
+    try:
+        return render(messages)
+    except Exception:  # noqa: BLE001 -- templates raise jinja2's TemplateError (or anything) for a system turn
+        folded = fold_system_turn(messages)
+    try:
+        return render(folded)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{name}: its chat template refuses our conversations, even with the system text "
+                         f"folded into the first user turn ({_first_line(e)})")
+
+
+def fold_system_turn(messages: list[dict]) -> list[dict]:
+    """The system message's text put at the top of the first user turn (what such templates expect)."""
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """Tokens that end an assistant turn: EOS plus the chat template's end-of-turn token, if any."""
     ids = {tokenizer.eos_token_id}

@@ -320,7 +320,7 @@ def validate(args):
 
 
 def main():
-    from model import DEFAULT_MODEL, load_model, resolve_adapter, stop_token_ids
+    from model import DEFAULT_MODEL, chat_prompt_ids, load_model, resolve_adapter, stop_token_ids
     p = argparse.ArgumentParser(description="Print sampled completions of a prompt.")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, Hub id, local dir or .gguf file")
@@ -342,8 +342,7 @@ def main():
     model, tok = load_model(args.model, adapter=adapter, load_in_4bit=args.load_in_4bit)
     model.eval()
     if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
     else:
         ids = tok(args.prompt)["input_ids"]
     context = getattr(model.config, "max_position_embeddings", None)

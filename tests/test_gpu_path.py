@@ -99,3 +99,51 @@ def test_each_rank_gets_a_device_it_can_see(gpus, local_rank, want, monkeypatch)
 def test_the_rank_tests_hide_cuda():
     from test_train import on_the_cpu
     assert on_the_cpu({"A": "1"}) == {"A": "1", "CUDA_VISIBLE_DEVICES": ""}
+
+
+# ---------------------------------------------------------------------------------------------- chat templates
+
+NO_SYSTEM_TEMPLATE = (  # Gemma-2's rule: no system role; turns alternate user / assistant
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def fresh_tokenizer(model_dir, template):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.chat_template = template
+    return tok
+
+
+@pytest.mark.parametrize("task", ["countdown", "math"])
+def test_a_template_that_refuses_a_system_turn_gets_it_in_the_first_user_turn(task, tiny_model_dir):
+    import rollout
+    import tasks
+    tok = fresh_tokenizer(tiny_model_dir, NO_SYSTEM_TEMPLATE)
+    example = tasks.load_examples(task, "test", n=1, seed=0)[0]
+    messages = tasks.first_attempt_messages(task, example)
+    assert messages[0]["role"] == "system"
+    with pytest.raises(Exception, match="System role"):
+        tok.apply_chat_template(messages, tokenize=False)
+    text = tok.decode(rollout.chat_ids(tok, messages))
+    first_user = f"<user>{messages[0]['content']}\n\n{messages[1]['content']}</s>"
+    assert text.startswith(first_user) and text.endswith("<assistant>")
+    assert text.count("<user>") == sum(m["role"] == "user" for m in messages)
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line(tiny_model_dir, tmp_path, capsys):
+    import json
+    import shutil
+
+    import train_r3
+    from test_errors import fails_with_one_line, train_args
+    base = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    line = fails_with_one_line(train_r3.main, train_args(base, tmp_path / "run", "--steps", "1"), capsys)
+    assert "no chat template" in line
