@@ -331,9 +331,13 @@ def fold_system_turn(messages: list[dict]) -> list[dict]:
     return [{"role": "user", "content": system}] + rest
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Tokens that end an assistant turn: EOS plus the chat template's end-of-turn token, if any."""
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Tokens that end an assistant turn: EOS, the chat template's end-of-turn token if any, and the
+    model's generation config's eos ids (Llama-3's <|eom_id|> and <|end_of_text|>, Phi-3's <|end|>: what
+    HF generate stops on)."""
     ids = {tokenizer.eos_token_id}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids |= set(eos if isinstance(eos, (list, tuple)) else [eos])
     for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
         tid = tokenizer.convert_tokens_to_ids(tok)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:

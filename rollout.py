@@ -90,7 +90,7 @@ def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int =
     the model conditioned on.
     keep: each turn keeps its cache (turn.past) for a next turn."""
     from model import stop_token_ids
-    stops = stop_token_ids(tok)
+    stops = stop_token_ids(tok, getattr(model, "generation_config", None))
     prompts = [chat_ids(tok, c) for c in conversations]
     seeds = gen.seed if gen.seed is None or isinstance(gen.seed, list) else \
         [gen.seed + k for k in range(len(prompts))]

@@ -350,7 +350,7 @@ def main():
         raise cli.UsageError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} exceed "
                              f"the model's context of {context} tokens")
     outs = generate(model, [list(ids)], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, stop_token_ids=stop_token_ids(tok), seed=args.seed,
+                    top_p=args.top_p, stop_token_ids=stop_token_ids(tok, model.generation_config), seed=args.seed,
                     pad_token_id=tok.pad_token_id)
     for i, out in enumerate(outs):
         print(f"--- sample {i}\n{tok.decode(out, skip_special_tokens=True)}")

@@ -147,3 +147,31 @@ def test_a_tokenizer_without_a_chat_template_is_one_line(tiny_model_dir, tmp_pat
     (base / "tokenizer_config.json").write_text(json.dumps(config))
     line = fails_with_one_line(train_r3.main, train_args(base, tmp_path / "run", "--steps", "1"), capsys)
     assert "no chat template" in line
+
+
+# ---------------------------------------------------------------------------------------------- stop tokens
+
+def test_stop_tokens_include_the_generation_configs_eos_ids(tiny_model_dir, monkeypatch):
+    """A Llama-3-like model: its generation config ends a turn on ids the tokenizer's EOS is not."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    import model as model_lib
+    tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    plain = model_lib.stop_token_ids(tok)
+    extra = [i for i in (7, 11, 13) if i not in plain][:2]
+    assert len(extra) == 2
+    for eos in (extra, extra[0]):  # a list (Llama-3), or one id
+        got = model_lib.stop_token_ids(tok, GenerationConfig(eos_token_id=eos))
+        assert set(got) == set(plain) | set(extra if isinstance(eos, list) else [eos])
+    m, _ = model_lib.load_model(str(tiny_model_dir), device="cpu")
+    m.generation_config.eos_token_id = extra
+    import rollout
+    seen = {}
+    real = rollout.generate
+
+    def spy(*a, **kw):
+        seen["stops"] = kw["stop_token_ids"]
+        return real(*a, **kw)
+    monkeypatch.setattr(rollout, "generate", spy)
+    rollout.sample_turns(m, tok, [[{"role": "user", "content": "hi"}]], rollout.Gen(2, temperature=0))
+    assert set(extra) <= set(seen["stops"])  # the sampler is given them
