@@ -19,7 +19,7 @@ import rl
 import rollout
 import rundir
 import tasks
-from model import load_model, resolve_adapter
+from model import activation_checkpointing, load_model, resolve_adapter
 from rollout import Gen
 from sample import mix_seed
 
@@ -84,6 +84,8 @@ def setup(args):
     model, tok = load_model(args.model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             lora_targets=args.lora_targets, load_in_4bit=args.load_in_4bit, device=device,
                             adapter=str(resolve_adapter(init)) if init else None)
+    if getattr(args, "grad_checkpointing", False):
+        activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     rl.broadcast_params(params)  # belt and braces: rank 0's adapter is everyone's
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)

@@ -345,6 +345,13 @@ def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
     return sorted(i for i in ids if i is not None)
 
 
+def activation_checkpointing(model):
+    """Recompute each decoder layer's activations in backward instead of keeping them (TRL's default for
+    training): the non-reentrant kind, which needs no input that requires grad and works through peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

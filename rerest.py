@@ -159,7 +159,8 @@ def sft(model, tok, optimizer, args, data: list[Turn], phase: str, step: int, se
         losses = []
         for batch in epoch_batches(len(samples), bs, seed + epoch, rank, size):
             mine = [samples[i] for i in batch]
-            stats = rl.supervised_update(model, optimizer, mine, tok.pad_token_id, args.micro_batch)
+            stats = rl.supervised_update(model, optimizer, mine, tok.pad_token_id, args.micro_batch,
+                                         micro_batch_tokens=args.micro_batch_tokens)
             losses.append(sum(rl.gather([stats["loss"]])))  # the ranks' parts of one batch loss
             step += 1
             bar.update()

@@ -54,17 +54,60 @@ def pad_batch(samples: list[Sample], pad_id: int, device):
     return t(ids), t(attn), t(comp, torch.float32)
 
 
+LOGPROB_CHUNK = 256  # answer tokens per chunk in token_logprobs: 256 x 152k fp32 temporaries are ~150 MB
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(logits / T) at the targets, computed LOGPROB_CHUNK rows at a time in fp32. Keeps only the
+    logits (their own dtype) and one logsumexp per token for backward, where the plain way keeps fp32
+    [B, C, V] tensors (~1.2 MB per answer token at a 152k vocabulary); backward recomputes the softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, chunk):
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for b, s, e in _row_chunks(targets.shape, chunk):  # views of logits, never a copy of all of them
+            x = logits[b, s:e].float() / temperature
+            lse[b, s:e] = torch.logsumexp(x, -1)
+            out[b, s:e] = x.gather(-1, targets[b, s:e, None]).squeeze(-1) - lse[b, s:e]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for b, s, e in _row_chunks(targets.shape, ctx.chunk):
+            g = grad[b, s:e, None].float()
+            d = torch.exp(logits[b, s:e].float() / ctx.temperature - lse[b, s:e, None]).mul_(-g)  # -p * g
+            d.scatter_add_(-1, targets[b, s:e, None], g)  # + g at the target: d/dx of x_t - logsumexp(x)
+            grad_logits[b, s:e] = d.div_(ctx.temperature)
+        return grad_logits, None, None, None
+
+
+def _row_chunks(shape, chunk: int):
+    B, C = shape
+    for b in range(B):
+        for s in range(0, C, chunk):
+            yield b, s, min(s + chunk, C)
+
+
+def token_logprobs(logits, targets, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """log softmax(logits / T) at targets: logits [B, C, V] (any float dtype), targets [B, C] -> [B, C] fp32,
+    with gradient. T = 0 (greedy) counts as 1. The same numbers as log_softmax + gather, in less memory."""
+    T = temperature if temperature and temperature != 1.0 else 1.0
+    return _TokenLogprobs.apply(logits, targets, T, chunk or LOGPROB_CHUNK)
+
+
 def completion_logprobs(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0) -> torch.Tensor:
     """log p(token) for the last n_completion columns, [B, C]. Only those logits are computed.
     temperature: the sampling temperature, so these are the log-probs of the policy that drew the
     tokens, softmax(logits / T) (as TRL and verl score them); 0 (greedy) counts as 1."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   logits_to_keep=n_completion + 1).logits[:, :-1].float()
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, -n_completion:]
-    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+                   logits_to_keep=n_completion + 1).logits[:, :-1]
+    return token_logprobs(logits, input_ids[:, -n_completion:], temperature)
 
 
 def reference_logprobs(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0) -> torch.Tensor:
@@ -137,10 +180,8 @@ def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, te
     positions = p_mask.sum(1)[which, None] + torch.arange(C, device=device)
     rest = model(input_ids=c_ids, attention_mask=mask, position_ids=positions, cache=cache,
                  use_cache=True, logits_to_keep=C).logits[:, :-1]
-    logits = torch.cat([first[which, None], rest], 1).float()
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, -1).gather(-1, c_ids[..., None]).squeeze(-1), c_mask.float()
+    logits = torch.cat([first[which, None], rest], 1)
+    return token_logprobs(logits, c_ids, temperature), c_mask.float()
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -179,10 +220,27 @@ class UpdateConfig:
     clip_eps: float = 0.2           # PPO ratio clip, only active when a batch is reused (updates > 1)
     updates_per_batch: int = 1      # PPO-style epochs over one sampled batch
     micro_batch: int = 8            # completions per forward/backward (gradient accumulation)
+    micro_batch_tokens: int = 0     # and at most this many padded tokens per micro-batch (0: no cap)
     max_grad_norm: float = 1.0
     agg: str = "grpo"
     temperature: float = 1.0        # the sampling temperature: log-probs are of softmax(logits / T), as in TRL
     kl_ratio: bool = False          # k3 term times pi/pi_old (TRL's use_bias_correction_kl); see policy_loss
+
+
+def micro_batches(samples: list[Sample], max_rows: int, max_tokens: int = 0) -> list[list[Sample]]:
+    """Consecutive runs of at most max_rows samples and, with max_tokens, at most that many padded tokens
+    (rows x (longest prompt + longest completion), what the forward pass holds): activations grow with
+    tokens, not rows, so a cap in tokens bounds memory when lengths vary. A longer sample goes alone."""
+    chunks, prompt, completion = [], 0, 0
+    for s in samples:
+        p, c = max(prompt, len(s.prompt_ids)), max(completion, len(s.completion_ids))
+        if chunks and len(chunks[-1]) < max_rows and not (max_tokens and (len(chunks[-1]) + 1) * (p + c) > max_tokens):
+            chunks[-1].append(s)
+            prompt, completion = p, c
+        else:
+            chunks.append([s])
+            prompt, completion = len(s.prompt_ids), len(s.completion_ids)
+    return chunks
 
 
 def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: int) -> dict:
@@ -191,7 +249,7 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     counts the samples (or tokens) of every rank and the gradients are summed, so the step is the one a
     single process would take on the whole batch. No sample anywhere: no step."""
     device = next(model.parameters()).device
-    chunks = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
+    chunks = micro_batches(samples, cfg.micro_batch, cfg.micro_batch_tokens)
     n_tokens = sum(len(s.completion_ids) for s in samples)
     n_samples, n_tokens_all = all_sum([len(samples), n_tokens])
     stats = {"loss": 0.0, "kl": 0.0, "kl_sum": 0.0, "kl_tokens": n_tokens, "grad_norm": 0.0}
@@ -257,7 +315,7 @@ def nll_loss(logp: torch.Tensor, mask: torch.Tensor, normalizer: float | None = 
 
 
 def supervised_update(model, optimizer, samples: list[Sample], pad_id: int, micro_batch: int = 8,
-                      max_grad_norm: float = 1.0) -> dict:
+                      max_grad_norm: float = 1.0, micro_batch_tokens: int = 0) -> dict:
     """One optimizer step of supervised fine-tuning (Re-ReST) on (prompt, completion) samples: the same
     layout and log-probs as the RL update, the loss nll_loss; advantages and KL are not used.
     In data-parallel runs every rank calls this (an empty list is allowed); the token mean is global and
@@ -268,8 +326,8 @@ def supervised_update(model, optimizer, samples: list[Sample], pad_id: int, micr
     n_tokens_all = all_sum([n_tokens])[0]  # the global token count: the ranks' losses add up to one mean
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for i in range(0, len(samples), micro_batch):
-        ids, attn, comp = pad_batch(samples[i:i + micro_batch], pad_id, device)
+    for chunk in micro_batches(samples, micro_batch, micro_batch_tokens):
+        ids, attn, comp = pad_batch(chunk, pad_id, device)
         loss = nll_loss(completion_logprobs(model, ids, attn, comp.shape[1]), comp, n_tokens_all)
         loss.backward()
         loss_sum += loss.item()

@@ -175,3 +175,103 @@ def test_stop_tokens_include_the_generation_configs_eos_ids(tiny_model_dir, monk
     monkeypatch.setattr(rollout, "generate", spy)
     rollout.sample_turns(m, tok, [[{"role": "user", "content": "hi"}]], rollout.Gen(2, temperature=0))
     assert set(extra) <= set(seen["stops"])  # the sampler is given them
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+@pytest.mark.parametrize("dtype, temperature", [(torch.float32, 1.0), (torch.float32, 0.7), (torch.bfloat16, 1.3),
+                                                (torch.float32, 0.0)])
+def test_chunked_logprobs_equal_the_plain_ones_and_their_gradients(dtype, temperature):
+    import rl
+    torch.manual_seed(0)
+    full = (torch.randn(3, 12, 50) * 3).to(dtype).requires_grad_()
+    logits = full[:, :-1]  # a view, as the callers pass
+    targets = torch.randint(0, 50, (3, 11))
+    weights = torch.randn(3, 11)
+    got = rl.token_logprobs(logits, targets, temperature, chunk=4)  # chunks of 4, 4 and 3 answer tokens
+    (got * weights).sum().backward()
+    grad_got, full.grad = full.grad.clone(), None
+    T = temperature or 1.0
+    want = torch.log_softmax(logits.float() / T, -1).gather(-1, targets[..., None]).squeeze(-1)
+    (want * weights).sum().backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=tol, rtol=tol)
+    assert torch.allclose(grad_got.float(), full.grad.float(), atol=tol, rtol=tol)
+    assert grad_got[:, -1].abs().sum() == 0 and grad_got.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------- the update's memory
+
+def lora_model(model_dir):
+    """The tiny model with LoRA whose B matrices are random too (a fresh adapter's are zero: no gradient to A)."""
+    import model as model_lib
+    torch.manual_seed(0)
+    m, tok = model_lib.load_model(str(model_dir), lora_r=4, device="cpu")
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    m.train()
+    return m, tok
+
+
+def some_samples(n=6):
+    import rl
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randint(5, 1000, (9,), generator=g).tolist()
+    return [rl.Sample(shared + torch.randint(5, 1000, (k % 3,), generator=g).tolist(),
+                      torch.randint(5, 1000, (3 + 2 * k,), generator=g).tolist(), float(k % 3) - 1.0)
+            for k in range(n)]
+
+
+def update_grads(m, tok, samples, **cfg):
+    import rl
+    params = [p for p in m.parameters() if p.requires_grad]
+    weights = {w.untyped_storage().data_ptr() for w in m.parameters()}
+    saved = []
+
+    vocab = m.config.vocab_size
+
+    def keep(t):  # the decoder's activations saved for backward (weights and the [.., vocab] logits aside)
+        if t.untyped_storage().data_ptr() not in weights and (t.dim() == 0 or t.shape[-1] != vocab):
+            saved.append(t.numel() * t.element_size())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        rl.update(m, torch.optim.SGD(params, lr=0.0), samples, rl.UpdateConfig(**cfg), tok.pad_token_id)
+    return [p.grad.clone() for p in params], sum(saved)
+
+
+def test_activation_checkpointing_gives_the_same_gradients_in_less_memory(tiny_model_dir):
+    import model as model_lib
+    samples = some_samples()
+    m, tok = lora_model(tiny_model_dir)
+    plain, plain_saved = update_grads(m, tok, samples, micro_batch=4)
+    model_lib.activation_checkpointing(m)
+    assert m.is_activation_checkpointing
+    ckpt, ckpt_saved = update_grads(m, tok, samples, micro_batch=4)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(plain, ckpt))
+    assert any(a.abs().sum() > 0 for a in plain)
+    assert ckpt_saved < plain_saved / 2, (ckpt_saved, plain_saved)
+
+
+def test_micro_batches_are_capped_in_tokens():
+    import rl
+    s = lambda p, c: rl.Sample([1] * p, [2] * c, 0.0)  # noqa: E731
+    samples = [s(10, 5), s(10, 5), s(10, 20), s(2, 3), s(2, 3), s(50, 50)]
+    sizes = lambda chunks: [len(c) for c in chunks]  # noqa: E731
+    assert sizes(rl.micro_batches(samples, 8)) == [6]
+    assert sizes(rl.micro_batches(samples, 4)) == [4, 2]
+    # 60 padded tokens: 2 x 15 fit, a third row of 30 would make 3 x 30; 100 tokens of one sample go alone
+    chunks = rl.micro_batches(samples, 8, max_tokens=60)
+    assert sizes(chunks) == [2, 1, 2, 1]
+    assert all(len(c) * (max(len(x.prompt_ids) for x in c) + max(len(x.completion_ids) for x in c)) <= 60
+               for c in chunks if len(c) > 1)
+    assert [x for c in chunks for x in c] == samples  # the order is kept: the normaliser sees every sample
+
+
+def test_a_token_cap_gives_the_same_update(tiny_model_dir):
+    samples = some_samples()
+    m, tok = lora_model(tiny_model_dir)
+    whole, _ = update_grads(m, tok, samples, micro_batch=8)
+    capped, _ = update_grads(m, tok, samples, micro_batch=8, micro_batch_tokens=40)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(whole, capped))
