@@ -261,9 +261,10 @@ def test_micro_batches_are_capped_in_tokens():
     sizes = lambda chunks: [len(c) for c in chunks]  # noqa: E731
     assert sizes(rl.micro_batches(samples, 8)) == [6]
     assert sizes(rl.micro_batches(samples, 4)) == [4, 2]
-    # 60 padded tokens: 2 x 15 fit, a third row of 30 would make 3 x 30; 100 tokens of one sample go alone
+    # 60 padded tokens: 2 x 15 fit, a third row would make 3 x 30; then 2 x 30 fit (the short row padded to
+    # the long one), a third would not; 100 tokens of one sample go alone
     chunks = rl.micro_batches(samples, 8, max_tokens=60)
-    assert sizes(chunks) == [2, 1, 2, 1]
+    assert sizes(chunks) == [2, 2, 1, 1]
     assert all(len(c) * (max(len(x.prompt_ids) for x in c) + max(len(x.completion_ids) for x in c)) <= 60
                for c in chunks if len(c) > 1)
     assert [x for c in chunks for x in c] == samples  # the order is kept: the normaliser sees every sample
