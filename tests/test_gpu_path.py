@@ -276,3 +276,38 @@ def test_a_token_cap_gives_the_same_update(tiny_model_dir):
     whole, _ = update_grads(m, tok, samples, micro_batch=8)
     capped, _ = update_grads(m, tok, samples, micro_batch=8, micro_batch_tokens=40)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-4) for a, b in zip(whole, capped))
+
+
+# ---------------------------------------------------------------------------------------------- eval --4bit
+
+def test_an_adapter_trained_in_4bit_is_scored_on_the_4bit_base(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    import eval as ev
+    import model as model_lib
+    import tasks
+    from verifiers import Verdict
+    run = tmp_path / "run"
+    m, _ = model_lib.load_model(str(tiny_model_dir), lora_r=4, load_in_4bit=True, device="cpu")
+    m.save_pretrained(run / "ckpt-000001" / "adapter")
+    (run / "latest").write_text("ckpt-000001")
+    (run / "args.json").write_text(json.dumps({"load_in_4bit": "True", "model": str(tiny_model_dir)}))
+    loaded = []
+    real = model_lib.load_model
+
+    def spy(*a, **kw):
+        out = real(*a, **kw)
+        loaded.append((kw.get("load_in_4bit"), any("Linear4bit" in type(x).__name__ for x in out[0].modules())))
+        return out
+    monkeypatch.setattr(model_lib, "load_model", spy)
+    monkeypatch.setattr(tasks, "verify", lambda task, text, ex: Verdict(False, "format"))
+    argv = ["--task", "countdown", "--model", str(tiny_model_dir), "--n", "1", "--max-new-tokens", "2",
+            "--reflect-tokens", "2", "--adapter", str(run)]
+    ev.main([*argv, "--out", str(tmp_path / "auto")])
+    assert loaded == [(True, True)] and "scoring it with --4bit" in capsys.readouterr().out
+    summary = json.loads(next((tmp_path / "auto").glob("summary-*.json")).read_text())
+    assert summary["configs"]["trained"]["load_in_4bit"] is True
+    (run / "args.json").write_text(json.dumps({"model": str(tiny_model_dir)}))  # trained in bf16: the flag
+    ev.main([*argv, "--4bit", "--out", str(tmp_path / "flag")])
+    ev.main([*argv, "--out", str(tmp_path / "plain")])
+    assert loaded[1:] == [(True, True), (False, False)]
