@@ -39,8 +39,9 @@ def pick_device(device=None) -> torch.device:
 def pick_dtype(device: torch.device, dtype=None) -> torch.dtype:
     if dtype is not None:
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    # bf16 where the hardware does it natively; fp32 on CPU, where bf16 matmuls are slower.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    # bf16 where the hardware does it natively (Ampere and later); fp32 on CPU, where bf16 matmuls are slower,
+    # and on Turing/Volta, whose bf16 is emulated (slow) and whose fp16 would need loss scaling we do not do.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float32
 
@@ -175,6 +176,7 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True)
+    if load_in_4bit or device.type != "cpu":  # straight onto the GPU: no full copy in host memory first
         kwargs["device_map"] = {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
@@ -187,7 +189,7 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
             raise UsageError(f"could not load model from {Path(source) / gguf_file if gguf_file else source}: "
                              f"{_first_line(e)}")
         raise UsageError(hub_error(source))
-    if not load_in_4bit:
+    if "device_map" not in kwargs:
         model.to(device)
     model.generation_config.pad_token_id = setup_tokenizer(tokenizer)
 

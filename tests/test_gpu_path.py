@@ -311,3 +311,61 @@ def test_an_adapter_trained_in_4bit_is_scored_on_the_4bit_base(tiny_model_dir, t
     ev.main([*argv, "--4bit", "--out", str(tmp_path / "flag")])
     ev.main([*argv, "--out", str(tmp_path / "plain")])
     assert loaded[1:] == [(True, True), (False, False)]
+
+
+# ---------------------------------------------------------------------------------------------- loading and export
+
+def test_bf16_only_where_the_gpu_does_it_natively(monkeypatch):
+    import model as model_lib
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert model_lib.pick_dtype(cuda) == torch.float32  # Turing/Volta: bf16 only through emulation
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert model_lib.pick_dtype(cuda) == torch.bfloat16
+    assert model_lib.pick_dtype(torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("device, want", [("cuda:1", {"": torch.device("cuda:1")}), ("cpu", None)])
+def test_a_gpu_model_loads_straight_onto_the_gpu(device, want, tiny_model_dir, monkeypatch):
+    import transformers
+
+    import model as model_lib
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def from_pretrained(*a, **kw):
+        seen.update(kw)
+        raise Stop
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    with pytest.raises(Stop):
+        model_lib.load_model(str(tiny_model_dir), device=device, dtype="bfloat16")
+    assert seen.get("device_map") == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_export_merges_in_fp32_from_a_base_in_the_output_dtype(dtype, tiny_model_dir, tmp_path, monkeypatch):
+    """With --dtype the checkpoint's own dtype, the merged weights are the fp32 merge rounded once, exactly."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import export
+    import model as model_lib
+    from test_user import trained_adapter
+    base_dir = tmp_path / "base"  # the tiny checkpoint in this dtype
+    AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=dtype).save_pretrained(base_dir)
+    AutoTokenizer.from_pretrained(str(tiny_model_dir)).save_pretrained(base_dir)
+    adapter = trained_adapter(base_dir, tmp_path / "adapter")
+    dtypes = []
+    real = model_lib.load_model
+    monkeypatch.setattr(model_lib, "load_model", lambda *a, **kw: dtypes.append(kw["dtype"]) or real(*a, **kw))
+    out = export.export(adapter, tmp_path / "merged", dtype=dtype, device="cpu")
+    assert dtypes == [dtype]  # no fp32 copy of a 16-bit model
+    got = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    ref, _ = real(str(base_dir), adapter=str(adapter), device="cpu", dtype=torch.float32)
+    want = {k: v.to(dtype) for k, v in ref.merge_and_unload().state_dict().items()}  # the fp32 merge, rounded
+    assert got.keys() == want.keys() and all(v.dtype == dtype for v in got.values())
+    before = real(str(base_dir), device="cpu", dtype=dtype)[0].state_dict()
+    assert any(not torch.equal(before[k], got[k]) for k in got)  # the merge changed the weights
+    assert all(torch.equal(got[k], want[k]) for k in got)
