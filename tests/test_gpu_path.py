@@ -369,3 +369,25 @@ def test_export_merges_in_fp32_from_a_base_in_the_output_dtype(dtype, tiny_model
     before = real(str(base_dir), device="cpu", dtype=dtype)[0].state_dict()
     assert any(not torch.equal(before[k], got[k]) for k in got)  # the merge changed the weights
     assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+
+def test_gradients_are_summed_over_ranks_in_one_call(monkeypatch):
+    """Two ranks simulated: the other rank's gradients equal ours, so the sum doubles them."""
+    import rl
+    calls = []
+
+    def all_reduce(t):
+        calls.append(t.numel())
+        t.mul_(2)
+    monkeypatch.setattr(rl, "world", lambda: (0, 2))
+    monkeypatch.setattr(rl.dist, "all_reduce", all_reduce)
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5)),
+              torch.nn.Parameter(torch.randn(2, 2))]
+    params[0].grad, params[1].grad = torch.randn(3, 4), torch.randn(5)  # the third ran no backward here
+    before = [p.grad.clone() for p in params[:2]]
+    rl.sum_grads(params)
+    assert calls == [12 + 5 + 4]
+    assert torch.equal(params[0].grad, 2 * before[0]) and torch.equal(params[1].grad, 2 * before[1])
+    assert torch.equal(params[2].grad, torch.zeros(2, 2))
