@@ -391,3 +391,36 @@ def test_gradients_are_summed_over_ranks_in_one_call(monkeypatch):
     assert calls == [12 + 5 + 4]
     assert torch.equal(params[0].grad, 2 * before[0]) and torch.equal(params[1].grad, 2 * before[1])
     assert torch.equal(params[2].grad, torch.zeros(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------- requirements
+
+def test_the_installed_packages_are_in_the_tested_ranges():
+    """The suite runs on what requirements*.txt allow: a green run says those ranges were tested."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+    for name in ("requirements.txt", "requirements-dev.txt"):
+        for line in (ROOT / name).read_text().splitlines():
+            spec = line.split("#")[0].strip()
+            if spec:
+                req = Requirement(spec)
+                version = importlib.metadata.version(req.name).split("+")[0]
+                assert req.specifier.contains(version), f"{name}: {req.name} {version} is not in {req.specifier}"
+                assert "<" in str(req.specifier) or "==" in str(req.specifier), f"{name}: {spec} has no upper bound"
+
+
+def test_the_training_flags_reach_the_model_and_the_update(tiny_model_dir, tmp_path, monkeypatch):
+    import loop
+    import rl
+    import train_r3
+    from test_errors import train_args
+    seen = {}
+    monkeypatch.setattr(loop, "train_loop", lambda model, *a, **kw: seen.update(ckpt=model.is_activation_checkpointing))
+    config = rl.UpdateConfig
+    monkeypatch.setattr(rl, "UpdateConfig", lambda *a, **kw: seen.setdefault("cfg", config(*a, **kw)))
+    train_r3.main(train_args(tiny_model_dir, tmp_path / "run", "--grad-checkpointing", "--micro-batch-tokens", "64"))
+    assert seen["ckpt"] and seen["cfg"].micro_batch_tokens == 64
+    seen.clear()
+    train_r3.main(train_args(tiny_model_dir, tmp_path / "run2"))
+    assert not seen["ckpt"] and seen["cfg"].micro_batch_tokens == 0
