@@ -202,11 +202,11 @@ def test_chunked_logprobs_equal_the_plain_ones_and_their_gradients(dtype, temper
 
 # ---------------------------------------------------------------------------------------------- the update's memory
 
-def lora_model(model_dir):
+def lora_model(model_dir, load_in_4bit=False):
     """The tiny model with LoRA whose B matrices are random too (a fresh adapter's are zero: no gradient to A)."""
     import model as model_lib
     torch.manual_seed(0)
-    m, tok = model_lib.load_model(str(model_dir), lora_r=4, device="cpu")
+    m, tok = model_lib.load_model(str(model_dir), lora_r=4, device="cpu", load_in_4bit=load_in_4bit)
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_B" in name:
@@ -241,10 +241,11 @@ def update_grads(m, tok, samples, **cfg):
     return [p.grad.clone() for p in params], sum(saved)
 
 
-def test_activation_checkpointing_gives_the_same_gradients_in_less_memory(tiny_model_dir):
+@pytest.mark.parametrize("load_in_4bit", [False, True], ids=["unquantised", "4bit"])
+def test_activation_checkpointing_gives_the_same_gradients_in_less_memory(load_in_4bit, tiny_model_dir):
     import model as model_lib
     samples = some_samples()
-    m, tok = lora_model(tiny_model_dir)
+    m, tok = lora_model(tiny_model_dir, load_in_4bit)
     plain, plain_saved = update_grads(m, tok, samples, micro_batch=4)
     model_lib.activation_checkpointing(m)
     assert m.is_activation_checkpointing
