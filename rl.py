@@ -105,7 +105,8 @@ def completion_logprobs(model, input_ids, attention_mask, n_completion: int, tem
     temperature: the sampling temperature, so these are the log-probs of the policy that drew the
     tokens, softmax(logits / T) (as TRL and verl score them); 0 (greedy) counts as 1."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+    # use_cache=False: nothing reads a cache here, and activation checkpointing forbids one
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
                    logits_to_keep=n_completion + 1).logits[:, :-1]
     return token_logprobs(logits, input_ids[:, -n_completion:], temperature)
 

@@ -160,9 +160,10 @@ def main(argv=None):
         name = "rl.update" if what == "update" else f"log-probs alone, bf16 logits [{a.rows}, {a.completion}, V]"
         print(f"| {name} | {lp} | {ck} | {r['saved_mib']:.0f} | {r['peak_mib']:.0f} | {r['s']:.1f} |")
     lp_plain, lp_chunk = rows[3][2], rows[4][2]
-    print(f"\nlog-probs, per answer token: saved {lp_plain['saved_mib'] * MiB / tokens / 1e6:.2f} MB plain, "
-          f"{lp_chunk['saved_mib'] * MiB / tokens / 1e6:.2f} MB chunked; peak {lp_plain['peak_mib'] * MiB / tokens / 1e6:.2f}"
-          f" MB plain, {lp_chunk['peak_mib'] * MiB / tokens / 1e6:.2f} MB chunked")
+    per_token = lambda r, k: r[k] * MiB / tokens / 1e6  # noqa: E731 -- MB per answer token
+    print(f"\nlog-probs, per answer token: saved {per_token(lp_plain, 'saved_mib'):.2f} MB plain, "
+          f"{per_token(lp_chunk, 'saved_mib'):.2f} MB chunked; peak {per_token(lp_plain, 'peak_mib'):.2f} MB plain, "
+          f"{per_token(lp_chunk, 'peak_mib'):.2f} MB chunked")
     return 0
 
 
