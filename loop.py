@@ -330,8 +330,8 @@ def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict]
             log_line(args, record)
             if (step + 1) % args.save_every == 0 or last:
                 rundir.save_checkpoint(args.out_dir, model, optimizer,
-                                   {"step": step + 1, "data_pos": (step + 1) * args.batch_size,
-                                    "tokens": state["tokens"], **(extra_state() if extra_state else {})})
+                                       {"step": step + 1, "data_pos": (step + 1) * args.batch_size,
+                                        "tokens": state["tokens"], **(extra_state() if extra_state else {})})
         if size > 1:
             dist.barrier()
         if last:

@@ -231,4 +231,4 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
         log(phase="eval", **loop.evaluate(model, tok, args, test, rank, size))
     if rank == 0:
         rundir.save_checkpoint(args.out_dir, model, optimizer, {"step": step, "round": round_, "d_m": len(d_m),
-                                                            "d_r": len(d_r)})
+                                                                "d_r": len(d_r)})
