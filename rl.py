@@ -145,7 +145,7 @@ def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, te
     length, prefix_cache of it) passes one run beforehand (rl.update runs it once for all its
     micro-batches). Same numbers; for a group of G, about G times less prompt compute and memory.
     Returns (log-probs [B, C], completion mask [B, C])."""
-    if getattr(model, "is_gradient_checkpointing", False):  # no cache under checkpointing: the plain way
+    if getattr(model, "is_activation_checkpointing", False):  # no cache under checkpointing: the plain way
         ids, attn, comp = pad_batch(samples, pad_id, device)
         return completion_logprobs(model, ids, attn, comp.shape[1], temperature), comp
     from transformers import DynamicCache
@@ -262,7 +262,7 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     # KV reuse: all the samples' prompts' common prefix is run once per pass, not once per micro-batch.
     prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
     L = common_prefix_len(prompts) if sample.REUSE and prompts and (len(prompts) > 1 or len(chunks) > 1) \
-        and not getattr(model, "is_gradient_checkpointing", False) else 0
+        and not getattr(model, "is_activation_checkpointing", False) else 0
     def run_prefix():
         return (L, prefix_cache(model, list(prompts[0][:L]), device)) if L else None
     # Frozen per-batch quantities: the reference (the adapter off, see reference_logprobs), and the

@@ -425,3 +425,21 @@ def test_the_training_flags_reach_the_model_and_the_update(tiny_model_dir, tmp_p
     seen.clear()
     train_r3.main(train_args(tiny_model_dir, tmp_path / "run2"))
     assert not seen["ckpt"] and seen["cfg"].micro_batch_tokens == 0
+
+
+def test_sampling_and_an_update_raise_no_deprecation_warning(tiny_model_dir):
+    """What a fresh install runs on every step: no 'X is deprecated' from transformers, peft or torch."""
+    import warnings
+
+    import model as model_lib
+    import rollout
+    m, tok = lora_model(tiny_model_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rollout.sample_turns(m, tok, [[{"role": "user", "content": "hi"}]], rollout.Gen(3, temperature=1.0, seed=0),
+                             n=2, keep=True)
+        update_grads(m, tok, some_samples())
+        model_lib.activation_checkpointing(m)
+        update_grads(m, tok, some_samples())
+    deprecated = [str(w.message) for w in caught if "deprecat" in str(w.message).lower()]
+    assert not deprecated, deprecated
