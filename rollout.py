@@ -62,9 +62,10 @@ class Episode:
 
 
 def chat_ids(tok, messages: list[dict]) -> list[int]:
-    """Token ids of a conversation, ending with the assistant's generation prompt."""
-    ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-    return list(ids)
+    """Token ids of a conversation, ending with the assistant's generation prompt (model.chat_prompt_ids:
+    a system turn folded into the first user turn for templates that refuse one)."""
+    from model import chat_prompt_ids
+    return chat_prompt_ids(tok, messages)
 
 
 def then(messages: list[dict], reply: str, instruction: str) -> list[dict]:
@@ -89,7 +90,7 @@ def sample_turns(model, tok, conversations: list[list[dict]], gen: Gen, n: int =
     the model conditioned on.
     keep: each turn keeps its cache (turn.past) for a next turn."""
     from model import stop_token_ids
-    stops = stop_token_ids(tok)
+    stops = stop_token_ids(tok, getattr(model, "generation_config", None))
     prompts = [chat_ids(tok, c) for c in conversations]
     seeds = gen.seed if gen.seed is None or isinstance(gen.seed, list) else \
         [gen.seed + k for k in range(len(prompts))]

@@ -1,14 +1,19 @@
 """The run directory's promises: one run at a time (a lock), a fresh run never mixes with an earlier one,
 --resume continues the run it was started with, from the newest checkpoint that reads back whole (falling
 back to the one before), and metrics.jsonl then holds each step once: lines the checkpoint does not cover
-(logged after it, before a kill) are dropped, to be logged again."""
+(logged after it, before a kill) are dropped, to be logged again. Checkpoints themselves (save, check,
+load) are here too; this file imports no other file of ours but cli, so model.py can use it."""
 import fcntl
 import json
 import os
+import random
+import re
 import shutil
 from pathlib import Path
 
-import rl
+import numpy as np
+import torch
+
 from cli import UsageError, writable_dir
 
 SAME_RUN = ("task", "method", "model", "lora_r", "lora_alpha", "lora_targets",  # what --resume may not change
@@ -74,7 +79,7 @@ def checkpoint_names(run_dir: Path) -> list[str]:
 def candidates(run_dir: Path, say) -> list[Path]:
     """The checkpoints to try, newest first: the one `latest` names, then older ones. A checkpoint newer
     than the pointer was never published, so it is not used."""
-    names, latest = checkpoint_names(run_dir), rl.latest_checkpoint(run_dir)
+    names, latest = checkpoint_names(run_dir), latest_checkpoint(run_dir)
     if latest is None:
         if (run_dir / "latest").exists() and names:
             say(f"--resume: {run_dir / 'latest'} is damaged; looking at the checkpoints themselves")
@@ -87,12 +92,12 @@ def resume(args, model, optimizer, say) -> dict:
     run_dir, problems = args.out_dir, []
     for ckpt in candidates(run_dir, say):
         try:
-            contents = rl.read_checkpoint(ckpt, model, optimizer)
+            contents = read_checkpoint(ckpt, model, optimizer)
         except ValueError as e:
             problems.append(f"{ckpt.name}: {e}")
             say(f"--resume: {ckpt} is damaged ({e}); falling back to the checkpoint before it")
             continue
-        state = rl.load_checkpoint(ckpt, model, optimizer, contents)
+        state = load_checkpoint(ckpt, model, optimizer, contents)
         say(f"resumed from {ckpt} at step {state['step']}")
         return state
     if problems:
@@ -154,3 +159,96 @@ def clear_temporaries(run_dir: Path):
                      if not (run_dir / f"latest.not-a-pointer{i or ''}").exists())
         latest.rename(aside)
         print(f"--resume: {latest} is a directory, not the checkpoint pointer; moved it to {aside}")
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run_dir: Path, model, optimizer, state: dict, keep: int = 2) -> Path:
+    """Adapter (standard peft form) + optimizer + trainer state + RNG states, written to a temporary
+    directory and then published by atomically replacing the `latest` pointer file: a kill at any
+    moment leaves the previous checkpoint intact and pointed to."""
+    run_dir = Path(run_dir)
+    final = run_dir / f"ckpt-{state['step']:06d}"
+    tmp = run_dir / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    # No CUDA RNG state: the sampler draws on the CPU, and a GPU run's state would tie the checkpoint to its
+    # number of GPUs.
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+               tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(state, indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    pointer = run_dir / ".latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, run_dir / "latest")
+    for old in sorted(run_dir.glob("ckpt-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir) -> Path | None:
+    """The checkpoint the `latest` pointer names, or None: no pointer, or one that names no checkpoint."""
+    try:
+        name = (Path(run_dir) / "latest").read_text().strip()
+    except (OSError, UnicodeDecodeError):  # missing, a directory, unreadable, binary garbage
+        return None
+    ckpt = Path(run_dir) / name
+    return ckpt if re.fullmatch(r"ckpt-\d+", name) and ckpt.is_dir() else None
+
+
+def read_checkpoint(ckpt: Path, model, optimizer) -> dict:
+    """Every file of a checkpoint, read back and checked against this model and optimizer without changing
+    either: ValueError("<file>: what is wrong") for a file that is missing, corrupt or of another shape."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    def read(name, load):
+        try:
+            return load(ckpt / name)
+        except Exception as e:  # noqa: BLE001 -- json, pickle, safetensors and OS errors all mean "damaged"
+            raise ValueError(f"{name}: {(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}")
+    state = read("state.json", lambda p: json.loads(p.read_text()))
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise ValueError("state.json: no integer step")
+    if not isinstance(read("adapter/adapter_config.json", lambda p: json.loads(p.read_text())), dict):
+        raise ValueError("adapter/adapter_config.json: not a JSON object")
+    adapter = read("adapter/adapter_model.safetensors", load_file)
+    want = {k: v.shape for k, v in get_peft_model_state_dict(model).items()}
+    got = {k: v.shape for k, v in adapter.items()}
+    if want != got:
+        diff = sorted(k for k in want.keys() | got.keys() if want.get(k) != got.get(k))
+        raise ValueError(f"adapter/adapter_model.safetensors: {len(diff)} tensor(s) missing or of another shape "
+                         f"than this model's adapter, e.g. {diff[0]} (another --model or --lora-r?)")
+    # map_location: a GPU run's tensors are read onto the CPU (a CPU-only machine can read them, and no rank
+    # lands on GPU 0); optimizer.load_state_dict then moves each state to its parameter's device.
+    opt = read("optimizer.pt", lambda p: torch.load(p, weights_only=False, map_location="cpu"))
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    try:
+        sizes = [len(g["params"]) for g in opt["param_groups"]]
+        shapes_ok = all(v.shape == params[i].shape for i, st in opt["state"].items() for v in st.values()
+                        if torch.is_tensor(v) and v.dim() > 0)
+    except (KeyError, TypeError, IndexError, AttributeError):
+        sizes, shapes_ok = None, False
+    if sizes != [len(g["params"]) for g in optimizer.param_groups] or not shapes_ok:
+        raise ValueError("optimizer.pt: not this model's optimizer state")
+    rng = read("rng.pt", lambda p: torch.load(p, weights_only=False, map_location="cpu"))
+    if not isinstance(rng, dict) or not {"python", "numpy", "torch"} <= rng.keys():
+        raise ValueError("rng.pt: not the random-number states")
+    return {"state": state, "adapter": adapter, "optimizer": opt, "rng": rng}
+
+
+def load_checkpoint(ckpt: Path, model, optimizer, contents: dict | None = None) -> dict:
+    """Restore adapter weights, optimizer and RNG states in place; return the trainer state. contents:
+    what read_checkpoint returned, if it was already called (it is called here otherwise)."""
+    from peft import set_peft_model_state_dict
+    c = contents or read_checkpoint(ckpt, model, optimizer)
+    set_peft_model_state_dict(model, c["adapter"])
+    optimizer.load_state_dict(c["optimizer"])
+    rng = c["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])  # an older checkpoint's "cuda" states are ignored (see save_checkpoint)
+    return c["state"]

@@ -321,7 +321,7 @@ def validate(args):
 
 
 def main():
-    from model import DEFAULT_MODEL, load_model, resolve_adapter, stop_token_ids
+    from model import DEFAULT_MODEL, chat_prompt_ids, load_model, resolve_adapter, stop_token_ids
     p = argparse.ArgumentParser(description="Print sampled completions of a prompt.")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, Hub id, local dir or .gguf file")
@@ -343,8 +343,7 @@ def main():
     model, tok = load_model(args.model, adapter=adapter, load_in_4bit=args.load_in_4bit)
     model.eval()
     if args.chat:
-        ids = tok.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                      tokenize=True, return_dict=False)
+        ids = chat_prompt_ids(tok, [{"role": "user", "content": args.prompt}])
     else:
         ids = tok(args.prompt)["input_ids"]
     context = getattr(model.config, "max_position_embeddings", None)
@@ -352,7 +351,7 @@ def main():
         raise cli.UsageError(f"the prompt ({len(ids)} tokens) and --max-new-tokens {args.max_new_tokens} exceed "
                              f"the model's context of {context} tokens")
     outs = generate(model, [list(ids)], n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, stop_token_ids=stop_token_ids(tok), seed=args.seed,
+                    top_p=args.top_p, stop_token_ids=stop_token_ids(tok, model.generation_config), seed=args.seed,
                     pad_token_id=tok.pad_token_id)
     for i, out in enumerate(outs):
         print(f"--- sample {i}\n{tok.decode(out, skip_special_tokens=True)}")

@@ -132,7 +132,8 @@ def train(model, tok, optimizer, args, state: dict, train: list[dict], test: lis
     if rl.world()[0] == 0 and state["step"] < args.steps:
         stages = f"stage I for steps 1-{args.stage1_steps}, stage II after" if args.stage1_steps else "stage II only"
         print(f"SCoRe: {stages} (alpha {args.alpha}, beta1 {args.beta1}, beta2 {args.beta2})")
-    cfg = rl.UpdateConfig(args.beta1, args.clip_eps, args.updates_per_batch, args.micro_batch, agg=args.loss_agg,
+    cfg = rl.UpdateConfig(args.beta1, args.clip_eps, args.updates_per_batch, args.micro_batch, args.micro_batch_tokens,
+                          agg=args.loss_agg,
                           temperature=args.temperature)
     loop.train_loop(model, tok, optimizer, args, state, train, test,
                     lambda step, batch, seeds: score_step(model, tok, optimizer, args, cfg, batch, step, seeds),

@@ -29,6 +29,7 @@ import loop
 import rerest
 import rl
 import rollout
+import rundir
 import score
 import tasks
 from loop import PARTIAL_CREDIT, TASK_TOKENS
@@ -70,6 +71,12 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=4, help="G: reflections (r3) or attempts (grpo) per query")
     p.add_argument("--batch-size", type=int, default=4, help="queries per step (all ranks together)")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per forward/backward")
+    p.add_argument("--micro-batch-tokens", type=int, default=0, metavar="N", help="also at most N padded tokens "
+                   "(rows x longest prompt+completion) per forward/backward: bounds activation memory when lengths "
+                   "vary (0: no cap; docs/gpu.md)")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation (gradient) checkpointing: each "
+                   "decoder layer's activations are recomputed in backward instead of kept (less memory, about one "
+                   "more forward pass per update; docs/gpu.md)")
     p.add_argument("--updates-per-batch", type=int, default=1, help=">1 reuses a batch with PPO ratio clipping")
     p.add_argument("--clip-eps", type=float, default=0.2)
     p.add_argument("--lr", type=float, default=None, help="AdamW learning rate (LoRA; default 1e-4, not published "
@@ -174,7 +181,8 @@ limits (checked before anything loads; a broken one is one error line, exit code
   --group-size: at least 2 for r3 and grpo, at least 1 otherwise
   --lr, --clip-eps: > 0; --temperature: > 0 (Re-ReST: >= 0); --kl-beta, --alpha, --beta1, --beta2,
   --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps, --warmup-steps,
-  --refresh-failures, --token-budget: >= 0; r3: --warmup-steps below --steps; every number finite
+  --refresh-failures, --token-budget, --micro-batch-tokens: >= 0; r3: --warmup-steps below --steps;
+  every number finite
   --eval-size 0: no eval (--eval-every is then ignored); --out-dir, --source, --model and the other
   names and paths: not empty
   --out-dir: a directory that can be written; one run at a time (a lock); a fresh run refuses a directory
@@ -193,7 +201,7 @@ def validate(args):
     at_least_1 = ["steps", "batch_size", "group_size", "micro_batch", "updates_per_batch", "save_every",
                   "train_size", "reflect_tokens", "k"]
     non_negative = ["eval_size", "eval_every", "sft_epochs", "alpha", "beta1", "beta2", "stage1_beta_t2",
-                    "temperature", "warmup_steps", "refresh_failures", "token_budget"]
+                    "temperature", "warmup_steps", "refresh_failures", "token_budget", "micro_batch_tokens"]
     optional = [("max_new_tokens", 1), ("lora_r", 1), ("lora_alpha", 1)]  # None: the per-method default
     rules = [(name, getattr(a, name), getattr(a, name) >= 1, "at least 1") for name in at_least_1]
     rules += [(name, getattr(a, name), getattr(a, name) >= 0, ">= 0") for name in non_negative]
@@ -395,7 +403,7 @@ def main(argv=None):
         (score if args.method == "score" else rerest).train(model, tok, optimizer, args, state, train, test)
     else:
         cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, args.updates_per_batch, args.micro_batch,
-                              agg=args.loss_agg, temperature=args.temperature)
+                              args.micro_batch_tokens, agg=args.loss_agg, temperature=args.temperature)
         if args.method == "r3":
             items, step_fn = r3_phases(model, tok, optimizer, args, cfg, train, rank, size)
         else:
@@ -405,7 +413,7 @@ def main(argv=None):
         loop.train_loop(model, tok, optimizer, args, state, items, test, step_fn)
     loop.close_trackers()
     if rank == 0:
-        print(f"done: {args.out_dir}/metrics.jsonl, adapter in {rl.latest_checkpoint(args.out_dir)}/adapter")
+        print(f"done: {args.out_dir}/metrics.jsonl, adapter in {rundir.latest_checkpoint(args.out_dir)}/adapter")
     if size > 1:
         dist.destroy_process_group()
 

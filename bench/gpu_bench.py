@@ -1,6 +1,6 @@
 """GPU benchmark on a model of Qwen2.5-1.5B's shape with random weights (no network, no checkpoint):
-sample.generate vs HF generate tokens/s, and the R3 step's time and peak GPU memory in bf16 and in
-4-bit (bitsandbytes NF4) + LoRA r=16, group size 8.
+sample.generate vs HF generate tokens/s, and the R3 step's time and peak GPU memory in bf16, in bf16
+with --grad-checkpointing, and in 4-bit (bitsandbytes NF4) + LoRA r=16, group size 8 (docs/gpu.md).
 
     python bench/gpu_bench.py [--model-config qwen2.5-1.5b] [--tokenizer DIR] [--steps 2]
     python bench/gpu_bench.py --dry-run     # CPU, a 2-layer model, tiny lengths: proves the script runs
@@ -82,11 +82,11 @@ def sync(fn, *args):
     return dt
 
 
-def r3_step(model_dir, four_bit: bool, a) -> dict:
-    """bench/r3_step_bench.py in its own process; its JSON result."""
+def r3_step(model_dir, four_bit: bool, a, extra=()) -> dict:
+    """bench/r3_step_bench.py in its own process (extra: more train_r3.py flags); its JSON result."""
     cmd = [sys.executable, os.path.join(HERE, "r3_step_bench.py"), "--json", "--steps", str(a.steps),
            "--warmup", str(a.warmup), "--rewards", "random", "--reuse", "on"] + (["--4bit"] if four_bit else []) + \
-          ["--", "--model", str(model_dir), "--group-size", str(a.group_size), *a.train_args]
+          ["--", "--model", str(model_dir), "--group-size", str(a.group_size), *extra, *a.train_args]
     print("  $ " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -133,7 +133,8 @@ def main(argv=None):
 
     try:
         samples = sampling_rows(model_dir, device, a)
-        r3 = {"bf16": r3_step(model_dir, False, a)}
+        r3 = {"bf16": r3_step(model_dir, False, a),
+              "bf16 + --grad-checkpointing": r3_step(model_dir, False, a, ["--grad-checkpointing"])}
         if a.skip_4bit or device != "cuda":
             r3["4-bit + LoRA"] = "skipped (needs CUDA)" if device != "cuda" else "skipped (--skip-4bit)"
         elif importlib.util.find_spec("bitsandbytes") is None:

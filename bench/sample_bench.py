@@ -82,7 +82,7 @@ def fewshot_prompts(tok, count):
 
 def fewshot(model, tok, prompts, n, new):
     """(ours tok/s, HF tok/s, ours s, HF s, ours tokens, HF tokens): both sample with stops honoured."""
-    stops = stop_token_ids(tok)
+    stops = stop_token_ids(tok, model.generation_config)
     t = time.perf_counter()
     outs = generate(model, prompts, n=n, max_new_tokens=new, temperature=1.0, seed=0, stop_token_ids=stops,
                     pad_token_id=tok.pad_token_id)

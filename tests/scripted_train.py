@@ -23,8 +23,8 @@ def kill_at(point: str, step: int):
     published) or "pointer" (published, the `latest` pointer not yet swapped)."""
     import os
     import signal
-    import rl
-    save, replace = rl.save_checkpoint, os.replace
+    import rundir
+    save, replace = rundir.save_checkpoint, os.replace
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
 
     def save_checkpoint(run_dir, model, optimizer, state, **kw):
@@ -38,7 +38,7 @@ def kill_at(point: str, step: int):
                 (point == "pointer" and name == ".latest.tmp" and Path(src).read_text() == f"ckpt-{step:06d}"):
             die()
         return replace(src, dst)
-    rl.save_checkpoint, os.replace = save_checkpoint, os_replace
+    rundir.save_checkpoint, os.replace = save_checkpoint, os_replace
 
 
 if __name__ == "__main__":

@@ -24,4 +24,6 @@ def test_gpu_bench_dry_run(tiny_model_dir):  # the fixture: the embedded tokeniz
     row = next(line for line in out.splitlines() if line.startswith("| bf16 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert float(cells[1]) > 0 and float(cells[4].split()[0]) > 0  # a step, and an update that ran
+    row = next(line for line in out.splitlines() if line.startswith("| bf16 + --grad-checkpointing |"))
+    assert float(row.strip("|").split("|")[4].split()[0]) > 0
     assert "| 4-bit + LoRA | skipped (needs CUDA)" in out

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import model as model_lib
 import rerest
 import rl
+import rundir
 import score
 import tasks
 import train_r3
@@ -51,7 +52,7 @@ def test_stage_schedule_boundaries():
 
 def test_stage_after_resume_inside_stage_two():
     args = train_r3.parse_args(["--method", "score", "--steps", "10", "--stage1-steps", "4"])
-    state = {"step": 6}  # what rl.load_checkpoint returns for a run killed after step 6
+    state = {"step": 6}  # what rundir.load_checkpoint returns for a run killed after step 6
     assert [score.stage(s, args) for s in range(state["step"], args.steps)] == [2, 2, 2, 2]
     assert score.stage(3, args) == 1 and score.stage(4, args) == 2
     assert score.kl_betas(args, 1) == (args.beta2, 0.0) and score.kl_betas(args, 2) == (args.beta1, args.beta1)
@@ -124,7 +125,7 @@ def read_metrics(run_dir):
 
 
 def adapter_weights(run_dir):
-    return load_file(rl.latest_checkpoint(run_dir) / "adapter" / "adapter_model.safetensors")
+    return load_file(rundir.latest_checkpoint(run_dir) / "adapter" / "adapter_model.safetensors")
 
 
 def lora_b_moved(run_dir) -> bool:
@@ -152,15 +153,15 @@ def test_score_smoke_then_resume_in_stage_two(tiny_model_dir, tmp_path):
     assert "acc_t1" in lines[-1] and "acc_t2" in lines[-1]  # the held-out eval (score mode) at the last step
     assert all(r["signal_frac"] == 0 for r in lines)  # nothing passes: no advantage, the KL alone is 0 too
     assert not lora_b_moved(run)
-    model_lib.load_model(str(tiny_model_dir), adapter=str(rl.latest_checkpoint(run) / "adapter"), device="cpu")
+    model_lib.load_model(str(tiny_model_dir), adapter=str(rundir.latest_checkpoint(run) / "adapter"), device="cpu")
 
     # resumed with more --steps and no --stage1-steps (its default, half of 5, would put step 3 in stage I):
     # the checkpoint's boundary holds
     train_r3.main(run_args(tiny_model_dir, run, "score", "--steps", "5", "--resume"))
     lines = read_metrics(run)
     assert [(r["step"], r["stage"]) for r in lines] == [(1, 1), (2, 2), (3, 2), (4, 2), (5, 2)]
-    assert rl.latest_checkpoint(run).name == "ckpt-000005"
-    assert json.loads((rl.latest_checkpoint(run) / "state.json").read_text())["stage1_steps"] == 1
+    assert rundir.latest_checkpoint(run).name == "ckpt-000005"
+    assert json.loads((rundir.latest_checkpoint(run) / "state.json").read_text())["stage1_steps"] == 1
 
 
 def test_score_scripted_verdicts_update_the_adapter(tiny_model_dir, tmp_path, monkeypatch):
@@ -249,9 +250,9 @@ def test_rerest_scripted_verdicts_fill_d_m_and_d_r_and_train(tiny_model_dir, tmp
     assert (run / "reflector" / "adapter_config.json").exists() and not (run / "README.md").exists()
     reflector = [r for r in lines if r["phase"] == "reflector_sft"]
     assert [r["reflector_step"] for r in reflector] == [1, 2] and all(r["step"] == 0 for r in reflector)
-    state = json.loads((rl.latest_checkpoint(run) / "state.json").read_text())
+    state = json.loads((rundir.latest_checkpoint(run) / "state.json").read_text())
     assert state["step"] == agent[-1]["step"] > 0 and state["round"] == 1
-    model_lib.load_model(str(tiny_model_dir), adapter=str(rl.latest_checkpoint(run) / "adapter"), device="cpu")
+    model_lib.load_model(str(tiny_model_dir), adapter=str(rundir.latest_checkpoint(run) / "adapter"), device="cpu")
     reflector_weights = load_file(run / "reflector" / "adapter_model.safetensors")
     assert reflector_weights.keys() == weights.keys()  # the same standard form, and it was trained
     assert any(v.abs().sum() > 0 for k, v in reflector_weights.items() if "lora_B" in k)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import rl
+import rundir
 import tasks
 import train_r3
 from conftest import ROOT
@@ -30,7 +30,7 @@ def read_metrics(run_dir):
 
 
 def adapter_weights(run_dir):
-    return load_file(rl.latest_checkpoint(run_dir) / "adapter" / "adapter_model.safetensors")
+    return load_file(rundir.latest_checkpoint(run_dir) / "adapter" / "adapter_model.safetensors")
 
 
 @pytest.mark.parametrize("method", ["r3", "grpo"])
@@ -50,7 +50,7 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
     from peft import PeftModel
     import model as model_lib
     base, _ = model_lib.load_model(str(tiny_model_dir), device="cpu")
-    PeftModel.from_pretrained(base, rl.latest_checkpoint(run) / "adapter")
+    PeftModel.from_pretrained(base, rundir.latest_checkpoint(run) / "adapter")
     assert any(v.abs().sum() > 0 for k, v in adapter_weights(run).items() if "lora_B" in k)
 
 
@@ -72,14 +72,14 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 240
     while time.time() < deadline:  # kill as soon as step 3's checkpoint is published
-        ckpt = rl.latest_checkpoint(killed) if (killed / "latest").exists() else None
+        ckpt = rundir.latest_checkpoint(killed) if (killed / "latest").exists() else None
         if ckpt is not None and json.loads((ckpt / "state.json").read_text())["step"] >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = (killed / "metrics.jsonl").read_text()
-    killed_at = json.loads((rl.latest_checkpoint(killed) / "state.json").read_text())["step"]
+    killed_at = json.loads((rundir.latest_checkpoint(killed) / "state.json").read_text())["step"]
     assert 3 <= killed_at < 6, "the run finished before it could be killed"
 
     r = subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, killed, *steps, "--resume")],
@@ -138,11 +138,18 @@ def test_sigkill_at_a_checkpoint_then_resume_logs_each_step_once(point, step, st
     assert [rec["reward"] for rec in got] == [rec["reward"] for rec in ref]
     a, b = adapter_weights(run), adapter_weights(straight_5)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    assert not list(run.glob(".tmp*")) and rl.latest_checkpoint(run).name == "ckpt-000005"
+    assert not list(run.glob(".tmp*")) and rundir.latest_checkpoint(run).name == "ckpt-000005"
+
+
+def on_the_cpu(env: dict) -> dict:
+    """CUDA hidden: the comparisons are of gloo ranks on the CPU (on a machine with one GPU, two ranks
+    would otherwise share it, which NCCL refuses)."""
+    return {**env, "CUDA_VISIBLE_DEVICES": ""}
 
 
 def run_script(argv, env, *, ranks: int = 1, port: int = 29531):
     """The scripted trainer in a subprocess: one process, or `ranks` gloo processes under torchrun."""
+    env = on_the_cpu(env)
     launcher = [sys.executable] if ranks == 1 else \
         [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", f"--master_port={port}"]
     r = subprocess.run([*launcher, SCRIPT, *argv], capture_output=True, text=True, timeout=300, env=env)
@@ -189,7 +196,7 @@ def test_rank_sync_helpers_under_gloo(tmp_path):
 
 def run_script_file(path, env, port: int = 29533):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-                        str(path)], capture_output=True, text=True, timeout=120, env=env)
+                        str(path)], capture_output=True, text=True, timeout=120, env=on_the_cpu(env))
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -220,7 +227,7 @@ def test_embedded_model_smoke_run(tmp_path):
                    "--eval-every", "2", "--out-dir", str(run)])
     lines = read_metrics(run)
     assert [r["step"] for r in lines] == [0, 1, 2] and "acc_t2" in lines[0] and "acc_t2" in lines[-1]
-    assert (rl.latest_checkpoint(run) / "adapter" / "adapter_config.json").exists()
+    assert (rundir.latest_checkpoint(run) / "adapter" / "adapter_config.json").exists()
 
 
 @pytest.mark.parametrize("task", ["function_calling", "math", "code"])
@@ -269,6 +276,6 @@ def test_token_budget_ends_the_run_at_the_step_that_reaches_it(tiny_model_dir, t
     lines = read_metrics(run)
     totals = [r["tokens_total"] for r in lines]
     assert 1 < len(lines) < 50 and totals == sorted(totals) and totals[-2] < 100 <= totals[-1]
-    assert rl.latest_checkpoint(run).name == f"ckpt-{len(lines):06d}"  # the last step is saved
+    assert rundir.latest_checkpoint(run).name == f"ckpt-{len(lines):06d}"  # the last step is saved
     train_r3.main(argv + ["--resume"])  # a finished budget trains no further
     assert read_metrics(run) == lines
