@@ -37,8 +37,10 @@ def test_quick_preset_fills_only_what_the_user_left_at_its_default():
     assert train_r3.parse_args([]).steps != 2  # off by default
 
 
-def test_progress_bar_counts_every_sampled_token(tiny, capsys):
+def test_progress_bar_counts_every_sampled_token(tiny, capsys, monkeypatch):
+    import cli
     import rollout
+    monkeypatch.setattr(cli, "on_terminal", lambda: True)  # bars are drawn at a terminal only
     m, tok = tiny
     examples = tasks.load_examples("countdown", "train", n=3, seed=0)
     with rollout.progress("failure set") as bar:
