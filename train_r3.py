@@ -43,7 +43,7 @@ QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, 
 # Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
 # q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
 # The README's main command on the embedded 135M model (`python train_r3.py --task countdown`): a recipe in
-# which R3 gets signal on a CPU (README, "Where we differ from the papers"). The base model solves no
+# which R3 gets signal on a CPU (docs/deviations.md). The base model solves no
 # Countdown problem, so no retry passes and no group has signal: the easy source, a short GRPO warm-up
 # with partial credit, and a failure set rebuilt as the policy improves. Hub models keep the paper's setting.
 # Its warm-up is a third of --steps (10 of 30).
@@ -171,7 +171,8 @@ def parse_args(argv=None):
 
 RECIPE = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_COUNTDOWN.items())
 LIMITS = textwrap.fill(f"the embedded model on countdown (--method r3 or grpo) has its own defaults for the flags "
-                       f"you do not give, a recipe in which R3 gets signal on a CPU (README): {RECIPE}; for r3 also "
+                       f"you do not give, a recipe in which R3 gets signal on a CPU (docs/deviations.md): {RECIPE}; "
+                       "for r3 also "
                        "--warmup-steps a third of --steps. Any other --model keeps the defaults above.", 100,
                        break_on_hyphens=False) + f"""
 
