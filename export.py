@@ -58,8 +58,7 @@ def export(adapter_dir: Path, out: Path, model: str | None = None, dtype=torch.b
     """Load base (in dtype) + adapter, fold the LoRA product into the base weights, save model and tokenizer."""
     from model import load_model
     name = base_model(adapter_dir, model)
-    peft_model, tok = load_model(name, adapter=str(adapter_dir), device=device, dtype=dtype,
-                                 cpu_layout=False)  # saved as HF expects: contiguous [out, in]
+    peft_model, tok = load_model(name, adapter=str(adapter_dir), device=device, dtype=dtype)
     merge_in_fp32(peft_model)
     merged = peft_model.unload()  # the LoRA layers gone, the (merged) base weights kept: a plain model
     out.parent.mkdir(parents=True, exist_ok=True)

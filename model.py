@@ -157,11 +157,10 @@ LORA_TARGETS = {"all": "all-linear", "qv": ["q_proj", "v_proj"]}  # --lora-targe
 
 def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | None = None,
                lora_targets: str = "all", load_in_4bit: bool = False, adapter: str | None = None, device=None,
-               dtype=None, cpu_layout: bool = True):
+               dtype=None):
     """Return (model, tokenizer). lora_r > 0 adds a trainable LoRA (alpha default 2r) on all linear
     layers, or on the attention's q and v projections (lora_targets="qv", Re-ReST's official setting);
-    adapter= loads a saved (trainable) adapter instead; load_in_4bit gives NF4 weights (QLoRA).
-    cpu_layout: on the CPU, the frozen weights in the layout its GEMM reads fastest (use_cpu_layout)."""
+    adapter= loads a saved (trainable) adapter instead; load_in_4bit gives NF4 weights (QLoRA)."""
     source, gguf_file = resolve(name)  # before transformers' imports: a wrong name fails in a second
     from transformers import AutoModelForCausalLM, AutoTokenizer
     device = pick_device(device)
@@ -202,39 +201,12 @@ def load_model(name: str = DEFAULT_MODEL, *, lora_r: int = 0, lora_alpha: int | 
         model = get_peft_model(model, config)
     if load_in_4bit and (lora_r > 0 or adapter):
         model.enable_input_require_grads()  # gradients must flow through the frozen 4-bit layers
-    if device.type == "cpu" and not load_in_4bit and cpu_layout:
-        use_cpu_layout(model)
+    if device.type == "cpu":
         # Grouped-query attention without copying the keys/values once per query head (transformers does
-        # that copy whenever a mask is given): on the CPU 10-20% of an update's time, same numbers.
+        # that copy whenever a mask is given; in a profile of the update it was the largest cost after the
+        # matmuls). Same numbers.
         os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     return model, tokenizer
-
-
-def use_cpu_layout(model) -> int:
-    """Store every frozen linear layer's weight transposed ([in, out], contiguous) and compute it as
-    x @ W^T by a plain mm. At decode batch sizes (16-64 rows) MKL's GEMM reads a [out, in] weight at
-    about half the speed of the same weight stored [in, out] (bench/sample_bench.py prints both).
-    The weights' values, the gradients and the memory are unchanged; only their layout (and the
-    rounding order of a matmul) differ. LoRA's own layers and the output head stay as they are.
-    CPU only: cuBLAS reads either layout at full speed. Returns the number of layers changed."""
-    changed = 0
-    head = model.get_output_embeddings()  # [vocab, hidden]: read fast as it is (and often tied to the input)
-    for name, module in model.named_modules():
-        if type(module) is torch.nn.Linear and module is not head and "lora_" not in name \
-                and module.weight.is_contiguous():
-            module.weight.data = module.weight.data.t().contiguous().t()
-            module.forward = _transposed_linear(module)
-            changed += 1
-    return changed
-
-
-def _transposed_linear(layer):
-    def forward(x):
-        w_t = layer.weight.t()  # [in, out], contiguous: the layout MKL reads fast at small batch
-        y = torch.mm(x.reshape(-1, x.shape[-1]), w_t) if layer.bias is None else \
-            torch.addmm(layer.bias, x.reshape(-1, x.shape[-1]), w_t)
-        return y.view(*x.shape[:-1], w_t.shape[1])
-    return forward
 
 
 def resolve_adapter(path: str) -> Path:

@@ -6,11 +6,11 @@ model.generate (group, fewshot).
 
 decode: the embedded model with a LoRA (r 16, all linear layers, random non-zero B as after training),
 Countdown first-attempt prompts (~316 tokens) x n = 4, temperature 1, seeded, 32 new tokens (stops
-ignored). "before" is sample.py as of --before (a git revision; its generate, on a model loaded without
-model.use_cpu_layout); "now" is this tree's. Decode time = the 33-token run less the 1-token run (the
-prefill). The matmul limit: the same model's linear layers (the frozen weights in the layout the sampler
-uses, the LoRA pairs and the output head) run back to back at the same row count, nothing else: the
-time a decode step could not go below. Prints "decode speed-up vs before: X.XX×" (batch 16).
+ignored). "before" is sample.py as of --before (a git revision; its generate); "now" is this tree's, on
+the same model. Decode time = the 33-token run less the 1-token run (the prefill). The matmul limit:
+the same model's linear layers (the frozen weights, the LoRA pairs and the output head) run back to
+back at the same row count, nothing else: the time a decode step could not go below.
+Prints "decode speed-up vs before: X.XX×" (batch 16).
 
 group: each prompt gets a group of n samples (temperature 1, fixed length: stop tokens ignored, so
 both sides produce exactly the same number of tokens). Prompts of about 100 and about 500 tokens.
@@ -111,10 +111,10 @@ def sampler_before(rev: str):
     return module
 
 
-def lora_model(cpu_layout: bool):
+def lora_model():
     """The embedded model with LoRA r 16 on all linear layers, A and B random (seeded; B non-zero as a
     trained adapter's)."""
-    model, tok = load_model(DEFAULT_MODEL, lora_r=16, cpu_layout=cpu_layout)
+    model, tok = load_model(DEFAULT_MODEL, lora_r=16)
     model.eval()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -174,9 +174,8 @@ def decode_workload(args):
     before = sampler_before(args.before)
     import sample
     rows = {}
-    for label, sampler, layout in (("before", before, False), ("now, standard layout", sample, False),
-                                   ("now", sample, True)):
-        model, tok = lora_model(layout)
+    for label, sampler in (("before", before), ("now", sample)):
+        model, tok = lora_model()
         exs = tasks.load_examples("countdown", "train", n=16)
         prompts = [rollout.chat_ids(tok, tasks.first_attempt_messages("countdown", ex)) for ex in exs]
         for batch in args.decode_batches:
@@ -187,15 +186,14 @@ def decode_workload(args):
         del model
     print(f"\ndecode, embedded model + LoRA r 16, Countdown prompts x n = 4, 32 new tokens, temperature 1, "
           f"threads={torch.get_num_threads()}; before = sample.py at {args.before}\n")
-    print("| batch | before tok/s | now, standard layout tok/s | now tok/s | speed-up | now ms/step | matmul "
-          "limit ms/step (frozen + LoRA + head) | limit / now | same tokens as before |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| batch | before tok/s | now tok/s | speed-up | now ms/step | matmul limit ms/step (frozen + LoRA + "
+          "head) | limit / now | same tokens as before |")
+    print("|---|---|---|---|---|---|---|---|")
     for batch in args.decode_batches:
-        (b_s, b_out, _), (s_s, _, _), (n_s, n_out, lim) = [rows[k, batch] for k in ("before", "now, standard layout",
-                                                                                    "now")]
+        (b_s, b_out, _), (n_s, n_out, lim) = rows["before", batch], rows["now", batch]
         same = sum(x == y for x, y in zip(b_out, n_out))
         parts = " + ".join(f"{1000 * lim[k]:.1f}" for k in ("frozen", "lora", "head"))
-        print(f"| {batch} | {batch / b_s:.1f} | {batch / s_s:.1f} | {batch / n_s:.1f} | {b_s / n_s:.2f}× | "
+        print(f"| {batch} | {batch / b_s:.1f} | {batch / n_s:.1f} | {b_s / n_s:.2f}× | "
               f"{1000 * n_s:.1f} | {1000 * lim['total']:.1f} ({parts}) | {100 * lim['total'] / n_s:.0f}% | "
               f"{same}/{len(n_out)} |")
     first = args.decode_batches[0]

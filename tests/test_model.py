@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import model as model_lib
 from cli import UsageError
@@ -50,43 +49,3 @@ def test_embedded_model_loads_with_chat_template(smol):
     assert 130e6 < sum(p.numel() for p in m.parameters()) < 140e6
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert "hi" in text and model_lib.stop_token_ids(tok)
-
-
-def test_cpu_layout_keeps_values_logprobs_and_gradients(tiny_model_dir):
-    """model.use_cpu_layout stores frozen linear weights [in, out]: the same values, log-probs and LoRA
-    gradients as the standard layout (up to a matmul's rounding); LoRA layers and the head are untouched."""
-    import rl
-    loaded = {}
-    for layout in (False, True):
-        torch.manual_seed(0)
-        loaded[layout] = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu", cpu_layout=layout)
-    (plain, tok), (fast, _) = loaded[False], loaded[True]
-    changed = [m for n, m in fast.named_modules() if type(m) is torch.nn.Linear and not m.weight.is_contiguous()]
-    assert len(changed) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
-    assert all(m.weight.t().is_contiguous() for m in changed)
-    assert fast.get_output_embeddings().weight.is_contiguous()
-    assert all(p.is_contiguous() for n, p in fast.named_parameters() if "lora_" in n)
-    for (n, p), (n2, q) in zip(plain.named_parameters(), fast.named_parameters()):
-        assert n == n2 and torch.equal(p, q)
-    g = torch.Generator().manual_seed(1)
-    for m in (plain, fast):
-        for n, p in m.named_parameters():
-            if "lora_B" in n:
-                p.data = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05
-    samples = [rl.Sample(torch.randint(5, 400, (k,), generator=g).tolist(), [7, 8, 9][:c], 1.0)
-               for k, c in ((9, 3), (5, 2))]
-    ids, attn, comp = rl.pad_batch(samples, tok.pad_token_id, "cpu")
-    out = {}
-    for layout, m in ((False, plain), (True, fast)):
-        logp = rl.completion_logprobs(m, ids, attn, comp.shape[1])
-        (logp * comp).sum().backward()
-        out[layout] = (logp.detach(), [p.grad.clone() for n, p in m.named_parameters() if p.requires_grad])
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-5)
-    assert len(out[True][1]) == 2 * 7 * 2
-    for a, b in zip(out[True][1], out[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
-
-def test_cpu_layout_can_be_turned_off(tiny_model_dir):
-    m, _ = model_lib.load_model(str(tiny_model_dir), device="cpu", cpu_layout=False)
-    assert all(p.is_contiguous() for p in m.parameters())
