@@ -253,9 +253,8 @@ def generate(model, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int
             lengths[rows[k]] = step + 1
         n_live, n_dead = n_live - len(newly), n_dead + len(newly)
         if n_live == 0:
-            if keep:
-                gone = (~live | stopped).nonzero().squeeze(1).tolist()
-                keep_pasts(kept, cache, mask, rows, gone, prompts, tokens, lengths, n, width + step)
+            if keep:  # every row still in the batch has stopped
+                keep_pasts(kept, cache, mask, rows, list(range(len(rows))), prompts, tokens, lengths, n, width + step)
             break
         live &= ~stopped
         # Stopped rows stay in the batch (their new slots masked out) until a quarter of it has stopped:
