@@ -39,6 +39,18 @@ def reward(verdict, kind: str = "binary") -> float:
     return PARTIAL_CREDIT.get(verdict.error, 0.0) if kind == "partial" else 0.0
 
 
+def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: float | None = None) -> float:
+    """R3's reward for a retry. repeat_reward None: the verifier's (the paper, with kind binary). Else a
+    failed retry that repeats the failed attempt's answer (verifiers.same_answer) earns repeat_reward
+    instead of its partial credit: under partial credit a copy earned as much as the attempt did, so
+    copying was the safest thing a reflection could lead to (docs/self_correction.md). Ours, not the
+    paper's; in the spirit of UFO's repeat penalty (arXiv 2507.14295). A shift by the attempt's own
+    reward, as SCoRe's r2 - r1, would change nothing here: every retry of a group follows the same attempt."""
+    if repeated and not verdict.correct and repeat_reward is not None:
+        return repeat_reward
+    return reward(verdict, kind)
+
+
 # ---------------------------------------------------------------------------------------------- seeds and batches
 
 def batch_at(step: int, n_items: int, batch_size: int, seed: int) -> list[int]:
@@ -258,7 +270,15 @@ def evaluate(model, tok, args, test: list[dict], rank: int, size: int) -> dict:
     model.train()
     t1 = rl.gather([t.verdict.correct for t in first])
     t2 = rl.gather([t.verdict.correct for t in second])
-    return {"acc_t1": sum(t1) / max(len(t1), 1), "acc_t2": sum(t2) / max(len(t2), 1)}
+    n = max(len(t1), 1)
+    return {"acc_t1": sum(t1) / n, "acc_t2": sum(t2) / n,  # Δ i→c: wrong at the first try, right at the second
+            "delta_i2c": sum(not a and b for a, b in zip(t1, t2)) / n,
+            "delta_c2i": sum(a and not b for a, b in zip(t1, t2)) / n}
+
+
+def eval_line(step: int, record: dict) -> str:
+    return (f"step {step}: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}, "
+            f"Δ i→c {record['delta_i2c']:+.3f}, Δ c→i {record['delta_c2i']:+.3f}")
 
 
 def summarize(step_stats: dict) -> dict:
@@ -271,6 +291,7 @@ def summarize(step_stats: dict) -> dict:
             "grad_norm": mean(step_stats["grad_norm"]),
             "tokens_per_s": sum(step_stats["tokens"]) / max(max(step_stats["sample_s"]), 1e-9),
             "step_s": max(step_stats["step_s"]), "reflection_len": mean(step_stats["reflection_len"]),
+            **({"repeat_frac": mean(step_stats["repeat"])} if step_stats.get("repeat") else {}),
             **({"phase": step_stats["phase"][0]} if step_stats.get("phase") else {})}
 
 
@@ -299,7 +320,7 @@ def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict]
     if args.eval_every and state["step"] == 0:  # where training starts from, on the same held-out examples
         record = {"step": 0, "kind": "eval", **evaluate(model, tok, args, test, rank, size)}
         if rank == 0:
-            print(f"step 0: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}")
+            print(eval_line(0, record))
             log_line(args, record)
     model.train()
     bar = cli.bar(iterable=range(state["step"], args.steps), initial=state["step"], total=args.steps,
@@ -325,7 +346,7 @@ def train_loop(model, tok, optimizer, args, state: dict, items, test: list[dict]
                           f"{record.get('step_s', 0.0):.1f} s, {state['tokens']} tokens so far")
         if args.eval_every and ((step + 1) % args.eval_every == 0 or last):
             record.update(evaluate(model, tok, args, test, rank, size))
-            bar.write(f"step {step + 1}: eval first try {record['acc_t1']:.3f}, second try {record['acc_t2']:.3f}")
+            bar.write(eval_line(step + 1, record))
         if rank == 0:
             log_line(args, record)
             if (step + 1) % args.save_every == 0 or last:

@@ -32,6 +32,7 @@ import rollout
 import rundir
 import score
 import tasks
+import verifiers
 from loop import PARTIAL_CREDIT, TASK_TOKENS
 from model import DEFAULT_MODEL, LORA_TARGETS, resolve, resolve_adapter
 from rollout import Gen
@@ -50,7 +51,7 @@ QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, 
 EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "reward": "partial", "lr": 2e-4,
                       "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12,
                       "micro_batch": 16}  # micro_batch: an R3 step (4 x 4) in one pass; the same gradient
-R3_ONLY = {"warmup_steps", "refresh_failures"}
+R3_ONLY = {"warmup_steps", "refresh_failures", "repeat_reward"}
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
 
@@ -92,6 +93,10 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--reward", default="binary", choices=["binary", "partial"],
                    help=f"binary: 1 if the verifier passes (the paper); partial: also {PARTIAL_CREDIT}")
+    p.add_argument("--repeat-reward", type=float, default=None, metavar="R", help="r3: a failed retry whose answer "
+                   "repeats the failed attempt's (the same, or an equivalent form) earns R instead of the verifier's "
+                   "credit (default: none, the verifier's reward as the paper; embedded model on countdown: "
+                   f"{EMBEDDED_COUNTDOWN.get('repeat_reward')}; docs/self_correction.md)")
     p.add_argument("--init-adapter", default=None, metavar="DIR", help="start from a saved LoRA adapter (a run "
                    "directory or an adapter directory; its LoRA shape is used); the KL reference stays the base model")
     p.add_argument("--warmup-steps", type=int, default=None, help="r3: plain GRPO steps on first attempts (reward "
@@ -212,6 +217,8 @@ def validate(args):
               for name in ("lr", "clip_eps")]
     rules += [(name, getattr(a, name), getattr(a, name) is None or getattr(a, name) >= 0, ">= 0")
               for name in ("kl_beta", "stage1_steps")]
+    rules += [("repeat_reward", a.repeat_reward, a.repeat_reward is None or a.repeat_reward <= 1, "at most 1 "
+               "(a pass earns 1)")]
     cli.check_flags([("--" + name.replace("_", "-"), value, ok, want) for name, value, ok, want in rules])
     if a.group_size < 2 and rl_method:
         raise cli.UsageError(f"--group-size must be at least 2 for {a.method}: a group of one has no advantage "
@@ -219,6 +226,9 @@ def validate(args):
     if a.method != "r3" and (a.warmup_steps or a.refresh_failures):
         raise cli.UsageError("--warmup-steps and --refresh-failures are R3's (its phases); "
                              f"--method {a.method} has neither")
+    if a.method != "r3" and a.repeat_reward is not None:
+        raise cli.UsageError(f"--repeat-reward is R3's (a retry that repeats the failed attempt); --method "
+                             f"{a.method} has no retry")
     if a.method == "r3" and a.warmup_steps >= a.steps:
         raise cli.UsageError(f"{said(a, 'warmup_steps')} leaves no R3 step of {said(a, 'steps')}; give fewer "
                              "--warmup-steps or more --steps")
@@ -306,8 +316,10 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
         Gen(args.max_new_tokens, args.temperature, seed=[mix_seed(s, 1) for s in seeds]), n_reflections=args.group_size)
     reflections = [r for ep in episodes for r in ep.reflections]
     verdicts = [t.verdict for ep in episodes for t in ep.retries]
+    repeats = [verifiers.same_answer(args.task, t.text, q["attempt"]) for ep, q in zip(episodes, queries)
+               for t in ep.retries]
     return reflections, verdicts, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
-                                  "reflection_len": [len(r.ids) for r in reflections]}
+                                  "reflection_len": [len(r.ids) for r in reflections], "repeat": repeats}
 
 
 def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
@@ -315,7 +327,8 @@ def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
     examples = [q["example"] for q in queries]
     turns = rollout.attempt(model, tok, args.task, examples, Gen(args.max_new_tokens, args.temperature,
                                                                  seed=seeds), n=args.group_size)
-    return turns, [t.verdict for t in turns], {"tokens": sum(len(t.ids) for t in turns), "reflection_len": []}
+    return turns, [t.verdict for t in turns], {"tokens": sum(len(t.ids) for t in turns), "reflection_len": [],
+                                               "repeat": []}
 
 
 def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, reward_kind: str):
@@ -324,7 +337,10 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     make = r3_samples if method == "r3" else grpo_samples
     turns, verdicts, info = make(model, tok, args, queries, seeds)
     t_sample = time.perf_counter() - t0
-    rewards = torch.tensor([loop.reward(v, reward_kind) for v in verdicts])
+    # R3: the retry's verdict, or --repeat-reward for a retry that repeats the failed attempt
+    repeat_reward = args.repeat_reward if method == "r3" else None
+    rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward)
+                            for v, rep in zip(verdicts, info["repeat"] or [False] * len(verdicts))])
     G = args.group_size
     advantages = rl.group_advantages(rewards, G)
     signal = rl.has_signal(rewards, G)
@@ -336,6 +352,7 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     solved = torch.tensor([float(v.correct) for v in verdicts])
     return {"reward": rewards.tolist(), "solved": solved.tolist(), "pass_any": solved.view(-1, G).max(1).values.tolist(),
             "signal": signal.tolist(), "tokens": [info["tokens"]], "reflection_len": info["reflection_len"],
+            "repeat": [float(r) for r in info["repeat"]],
             "sample_s": [t_sample], "step_s": [time.perf_counter() - t0], **loop.update_stats(stats)}
 
 
@@ -377,8 +394,8 @@ def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "skip_flat_groups", "warmup_steps", "warmup_reward",
-                    "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
+    keys += {"r3": ["kl_beta", "reflect_tokens", "repeat_reward", "skip_flat_groups", "warmup_steps",
+                    "warmup_reward", "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]
     return "run: " + " ".join(f"{k}={getattr(args, k)}" for k in keys)

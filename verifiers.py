@@ -8,6 +8,7 @@ Standard library only; the math verifier uses sympy (math_equiv.py) when it is i
 is with torch, the code sandbox lives in sandbox.py, and the function-call checks in tool_calls.py.
 """
 import functools
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -368,3 +369,61 @@ def code(text: str, example: dict, timeout: float = 5.0, memory: int = 1 << 30) 
 
 
 VERIFIERS = {"countdown": countdown, "function_calling": function_call, "math": math, "code": code}
+
+
+# ----------------------------------------------------------------------------- repeated answers
+
+_BARE_EXPR = re.compile(r"[0-9][0-9\s()+\-*/×÷−]*[0-9)]")  # a run of integers and operators, for reflections
+
+
+def answer_key(task: str, text: str, loose: bool = False):
+    """What a reply answers, reduced so that equivalent answers are equal: countdown, the numbers the
+    expression uses and its value (so "3 + 2" and "(2 + 3)" are one answer); math, the normalised final
+    answer; function calling, the calls; code, the program's non-blank lines. None: no answer in it.
+    loose (countdown): without an <answer> tag, the last bare expression with an operator, as a
+    reflection may name a candidate ("try 6 - 1 * 5")."""
+    try:
+        if task == "countdown":
+            body = _last_tag(text, "<answer>", "</answer>")
+            if body is None and loose:
+                body = next((m for m in reversed(_BARE_EXPR.findall(text[-MAX_EXPR_CHARS:]))
+                             if any(op in m for op in "+-*/×÷−")), None)
+            if body is None or not body.strip() or len(body) > MAX_EXPR_CHARS:
+                return None
+            try:
+                parser = _Parser(_tokenize(body))
+                value = parser.expr(0)
+                if parser.peek() is None:
+                    return tuple(sorted(parser.numbers)), value
+            except _Invalid:
+                pass
+            return "".join(body.split())  # not an equation: equal only to the same characters
+        if task == "math":
+            found = _final_answer(text)
+            return None if found is None or not found.strip() else _normalize(found)
+        if task == "function_calling":
+            calls = tool_calls.model_calls(text)
+            return None if isinstance(calls, str) else \
+                sorted(json.dumps([name, args], sort_keys=True, default=repr) for name, args in calls)
+        program = _extract_program(text)
+        return "\n".join(line.rstrip() for line in program.splitlines() if line.strip()) or None
+    except Exception:  # noqa: BLE001 -- a key is a hint for the reward; an unreadable answer has none
+        return None
+
+
+def same_answer(task: str, retry: str, attempt: str) -> bool:
+    """Does the retry give the failed attempt's answer again, word for word or in an equivalent form
+    (--repeat-reward: a retry that changes nothing earns that instead of the verifier's credit)?
+    Two replies with no answer are the same only as the same text."""
+    if retry.strip() == attempt.strip():
+        return True
+    key = answer_key(task, retry)
+    if key is None:
+        return False
+    if key == answer_key(task, attempt):
+        return True
+    if task == "math":  # "1/2" and "0.5": the math verifier's own equivalence
+        other = answer_key(task, attempt)
+        a, b = _as_number(key), _as_number(other or "")
+        return (a is not None and a == b) or (other is not None and math_equiv.equal(key, other, seconds=0.2))
+    return False

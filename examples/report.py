@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import eval as ev  # noqa: E402  (its rolling mean, the one eval.py --plot draws)
+import verifiers  # noqa: E402
 
 METRICS = (("acc@t1", lambda t1, t2: t1), ("acc@t2", lambda t1, t2: t2), ("Δ", lambda t1, t2: t2 - t1),
            ("Δ i→c", lambda t1, t2: (not t1) and t2), ("Δ c→i", lambda t1, t2: t1 and not t2))
@@ -40,6 +41,7 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
         if len(lines) < 2:  # an eval that was started and stopped before its first chunk
             continue
         results = {}
+        TASK[label] = config.get("task", "countdown")
         for line in lines[1:]:
             r = json.loads(line)
             results[r["id"]] = (bool(r["t1"]["correct"]), bool(r["t2"]["correct"]))
@@ -48,14 +50,27 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
     return rows
 
 
-RECORDS = {}  # {label: {seed: [eval.py's per-example records]}}, for the repeats column and the samples
+RECORDS = {}  # {label: {seed: [eval.py's per-example records]}}, for the repeats columns and the samples
+TASK = {}  # {label: its evals' task}
 
 
-def repeats(label: str) -> str:
-    """Of the failed first tries, the share whose second try is the same text (the retry repeated it)."""
+def share(label: str, keep) -> str:
+    """Of the label's failed first tries, the share for which keep(record) holds, and of how many."""
     failed = [r for records in RECORDS[label].values() for r in records if not r["t1"]["correct"]]
-    same = sum(r["t2"]["text"].strip() == r["t1"]["text"].strip() for r in failed)
-    return f"{100.0 * same / len(failed):.0f}% of {len(failed)}" if failed else "—"
+    return f"{100.0 * sum(map(keep, failed)) / len(failed):.0f}% of {len(failed)}" if failed else "—"
+
+
+def word_for_word(r: dict) -> bool:
+    return r["t2"]["text"].strip() == r["t1"]["text"].strip()
+
+
+def new_candidate(task: str):
+    """Does the reflection name an answer (for countdown also a bare expression) other than the first try's?"""
+    def keep(r: dict) -> bool:
+        text = (r.get("reflection") or {}).get("text", "")
+        key = verifiers.answer_key(task, text, loose=True)
+        return key is not None and key != verifiers.answer_key(task, r["t1"]["text"], loose=True)
+    return keep
 
 
 def samples(label: str, k: int = 4) -> list[str]:
@@ -99,7 +114,8 @@ def main(argv=None):
     p.add_argument("--runs", required=True, help="the directory holding the runs (start, r3-s1, grpo-s1, ...)")
     p.add_argument("--out", required=True, help="output prefix: writes <out>.md and <out>.png")
     p.add_argument("--order", default="base model,start,r3,grpo,score,rerest", help="row order (labels)")
-    p.add_argument("--compare", default="r3,grpo", help="two arms whose acc@t2 difference gets an interval")
+    p.add_argument("--compare", default="r3,grpo", help="pairs of arms whose acc@t1 and acc@t2 differences get "
+                   "an interval, ';' between pairs: 'r3-repeat0,grpo;r3-repeat0,r3'")
     p.add_argument("--bootstrap", type=int, default=2000)
     args = p.parse_args(argv)
     evals, runs, out = Path(args.evals), Path(args.runs), Path(args.out)
@@ -112,18 +128,23 @@ def main(argv=None):
     draws = bootstrap(arms, ids, args.bootstrap, random.Random(0))
     lines = [f"{len(ids)} held-out problems, greedy, two tries (a failed first try: reflection, then retry); "
              f"95% bootstrap intervals over problems and seeds ({args.bootstrap} resamples). Accuracies in %.", "",
-             "| row | seeds | " + " | ".join(name for name, _ in METRICS) + " | retry = first try | sampled tokens |",
-             "|---|---|" + "---|" * (len(METRICS) + 2)]
+             "| row | seeds | " + " | ".join(name for name, _ in METRICS) + " | retry = first try | retry repeats "
+             "first try's answer | reflection names a new candidate | sampled tokens |",
+             "|---|---|" + "---|" * (len(METRICS) + 4)]
     for k, label in enumerate(order):
         point = score(arms[k], ids, sorted(arms[k]), list(range(len(ids))))
         cells = []
         for name, _ in METRICS:
             lo, hi = interval([d[k][name] for d in draws])
             cells.append(f"{point[name]:.1f} [{lo:.1f}, {hi:.1f}]")
-        lines.append(f"| {label} | {len(arms[k])} | " + " | ".join(cells) + f" | {repeats(label)} | "
-                     f"{train_tokens(runs, label)} |")
-    a, b = args.compare.split(",")
-    if a in rows and b in rows:
+        task = TASK[label]
+        same = lambda r: verifiers.same_answer(task, r["t2"]["text"], r["t1"]["text"])  # noqa: E731
+        lines.append(f"| {label} | {len(arms[k])} | " + " | ".join(cells) + f" | {share(label, word_for_word)} | "
+                     f"{share(label, same)} | {share(label, new_candidate(task))} | {train_tokens(runs, label)} |")
+    pairs = [pair.split(",") for pair in args.compare.split(";")]
+    for a, b in pairs:
+        if a not in rows or b not in rows:
+            continue
         ka, kb = order.index(a), order.index(b)
         for name in ("acc@t1", "acc@t2"):
             diff = score(arms[ka], ids, sorted(arms[ka]), list(range(len(ids))))[name] - \
@@ -132,8 +153,11 @@ def main(argv=None):
             verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
             lines += ["", f"{a} − {b}, {name}: {diff:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] ({verdict})"]
     lines += ["", "\"retry = first try\": of the failed first tries, the share whose second try repeated it word "
-              "for word. \"sampled tokens\": the training run's, mean over seeds (R3: failure sets included).", ""]
-    for label in [x for x in args.compare.split(",") if x in rows]:
+              "for word; \"retry repeats first try's answer\": the same or an equivalent answer "
+              "(verifiers.same_answer); \"reflection names a new candidate\": the reflection holds an answer (for "
+              "countdown, a tag or a bare expression) other than the first try's. \"sampled tokens\": the "
+              "training run's, mean over seeds (R3: failure sets included).", ""]
+    for label in [x for x in dict.fromkeys(x for pair in pairs for x in pair) if x in rows]:
         lines += [f"Samples, {label} (seed {min(RECORDS[label])}), the first failed first tries:", "",
                   "| problem | first try | reflection | retry |", "|---|---|---|---|", *samples(label), ""]
     table = "\n".join(lines) + "\n"
@@ -165,10 +189,10 @@ def arm_curves(runs: Path, key: str) -> dict[str, list[tuple[list[float], list[f
         if not metrics.is_file():
             continue
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r]
+        train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r and key in r]
         if train:
             arms.setdefault(re.sub(r"-s\d+$", "", run.name), []).append(
-                ([r["tokens_total"] for r in train], [r.get(key, 0.0) for r in train]))
+                ([r["tokens_total"] for r in train], [r[key] for r in train]))
     return arms
 
 
@@ -190,9 +214,10 @@ def plot(runs: Path, order: list[str], path: Path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, key, title in zip(axes, ("solved", "signal_frac"),
-                              ("training: fraction of sampled answers that pass", "groups with signal")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, key, title in zip(axes, ("solved", "signal_frac", "repeat_frac"),
+                              ("training: fraction of sampled answers that pass", "groups with signal",
+                               "R3: retries that repeat the failed answer")):
         arms = arm_curves(runs, key)
         labels = [x for x in order if x in arms] + sorted(set(arms) - set(order))
         for n, label in enumerate(labels):
@@ -207,7 +232,8 @@ def plot(runs: Path, order: list[str], path: Path):
         ax.set_title(title)
         ax.set_xlabel("sampled tokens")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if labels:
+            ax.legend(fontsize=8)
     fig.suptitle(f"lines: each run's mean of its last {SMOOTH} steps, averaged over seeds; bands: lowest to "
                  "highest seed; dots: single steps", fontsize=9)
     fig.tight_layout()

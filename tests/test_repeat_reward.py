@@ -1,0 +1,94 @@
+"""--repeat-reward: a failed retry that repeats the failed attempt's answer (verifiers.same_answer)
+earns the given reward instead of the verifier's partial credit. Tables of (attempt, retry) pairs."""
+import pytest
+
+import loop
+import tasks
+import verifiers
+from verifiers import Verdict
+
+EX = {"nums": [2, 3, 3], "target": 8}  # solved by 3 + 3 + 2
+
+SAME = [  # (task, retry, attempt): the same answer, as text or in an equivalent form
+    ("countdown", "<answer> 2 + 3 </answer>", "<answer> 2 + 3 </answer>"),              # word for word
+    ("countdown", "<answer>3+2</answer>", "<answer> 2 + 3 </answer>"),                  # spaces, order
+    ("countdown", "Sure. <answer> (2 + 3) </answer>", "<answer> 2 + 3 </answer>"),     # brackets, chatter
+    ("countdown", "<answer> 3 * 2 + 3 </answer>", "<answer> 3 + 2 * 3 </answer>"),      # same numbers, same value
+    ("countdown", "<answer> 2 × 3 </answer>", "<answer> 2 * 3 </answer>"),              # unicode operator
+    ("countdown", "<answer> 2 + x </answer>", "<answer>2 +x</answer>"),                 # not an equation: as text
+    ("countdown", "  no idea ", "no idea"),                                              # no answer, same text
+    ("math", "so \\boxed{1/2}", "The answer is \\boxed{0.5}"),                         # equal numbers
+    ("math", "\\boxed{\\frac{1}{2}}", "\\boxed{1/2}"),
+    ("function_calling", '[{"name": "f", "arguments": {"b": 2, "a": 1}}]',
+     'Calling: [{"name": "f", "arguments": {"a": 1, "b": 2}}]'),                       # argument order
+    ("code", "```python\ndef f():\n    return 1\n```", "def f():\n\n    return 1   \n"),  # blank lines, spaces
+]
+DIFFERENT = [
+    ("countdown", "<answer> 2 * 3 </answer>", "<answer> 2 + 3 </answer>"),              # another value
+    ("countdown", "<answer> 3 + 3 + 2 </answer>", "<answer> 2 + 3 </answer>"),          # other numbers
+    ("countdown", "<answer> 6 - 1 </answer>", "<answer> 2 + 3 </answer>"),              # same value, other numbers
+    ("countdown", "I give up", "<answer> 2 + 3 </answer>"),                              # no answer at all
+    ("countdown", "", "<answer> 2 + 3 </answer>"),
+    ("countdown", "<answer></answer>", "<answer> 2 + 3 </answer>"),                     # an empty tag
+    ("countdown", "<answer> 2 + 3 </answer>", "no idea"),                                # the attempt had none
+    ("countdown", "<answer> " + "1+" * 600 + "1 </answer>", "<answer> 2 + 3 </answer>"),  # hostile: too long
+    ("countdown", "<answer> " + "(" * 100 + "2 </answer>", "<answer> " + "(" * 99 + "2 </answer>"),  # hostile
+    ("math", "\\boxed{3}", "\\boxed{4}"),
+    ("math", "no answer here", "\\boxed{4}"),
+    ("function_calling", '[{"name": "f", "arguments": {"a": 2}}]', '[{"name": "f", "arguments": {"a": 1}}]'),
+    ("function_calling", "not json", '[{"name": "f", "arguments": {"a": 1}}]'),
+    ("code", "def f():\n    return 2\n", "def f():\n    return 1\n"),
+]
+
+
+@pytest.mark.parametrize("task, retry, attempt", SAME)
+def test_a_repeat_or_an_equivalent_rewrite_is_the_same_answer(task, retry, attempt):
+    assert verifiers.same_answer(task, retry, attempt)
+
+
+@pytest.mark.parametrize("task, retry, attempt", DIFFERENT)
+def test_a_changed_answer_is_not_the_same(task, retry, attempt):
+    assert not verifiers.same_answer(task, retry, attempt)
+
+
+@pytest.mark.parametrize("text", [None, 3, b"<answer> 1 </answer>", "\x00" * 10, "<answer>" * 1000])
+def test_hostile_inputs_never_raise(text):
+    for task in tasks.TASK_NAMES:
+        assert verifiers.same_answer(task, text if isinstance(text, str) else "x", "<answer> 1 </answer>") in (True, False)
+        assert verifiers.answer_key(task, text) is None or isinstance(text, str)
+
+
+def test_a_reflection_may_name_a_candidate_without_the_tag():
+    assert verifiers.answer_key("countdown", "Try 3 + 3 + 2 next.", loose=True) == ((2, 3, 3), 8)
+    assert verifiers.answer_key("countdown", "Try 3 + 3 + 2 next.") is None  # a retry needs the tag
+    assert verifiers.answer_key("countdown", "I used the numbers 2, 3 and 3.", loose=True) is None  # no operator
+
+
+# (attempt, retry, --reward, --repeat-reward) -> the retry's reward. The attempt failed (R3 retries only those).
+REWARDS = [
+    ("<answer> 2 + 3 </answer>", "<answer> 2 + 3 </answer>", "partial", None, 0.25),   # the paper's reward: a copy keeps its credit
+    ("<answer> 2 + 3 </answer>", "<answer> 2 + 3 </answer>", "partial", 0.0, 0.0),     # a repeat earns nothing
+    ("<answer> 2 + 3 </answer>", "<answer> 3 + 2 </answer>", "partial", 0.0, 0.0),     # an equivalent rewrite too
+    ("<answer> 2 + 3 </answer>", "<answer> 3 + 2 </answer>", "partial", -0.5, -0.5),   # or less
+    ("<answer> 2 + 3 </answer>", "<answer> 2 * 3 </answer>", "partial", 0.0, 0.25),    # a change keeps its credit
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 * 3 - 2 </answer>", "partial", 0.0, 0.5),  # missed_target, changed
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 * 2 * 3 </answer>", "partial", 0.0, 0.0),  # missed_target, repeated
+    ("<answer> 2 + 3 </answer>", "<answer> 3 + 3 + 2 </answer>", "partial", 0.0, 1.0),  # a fix
+    ("<answer> 2 + 3 </answer>", "<answer> 3 + 3 + 2 </answer>", "binary", -0.5, 1.0),
+    ("<answer> 2 + 3 </answer>", "no tag", "partial", 0.0, 0.0),                        # format error: 0 either way
+    ("<answer> 2 + 3 </answer>", "<answer> 2 + 3 </answer>", "binary", None, 0.0),     # binary: a copy earns 0
+    ("<answer> 2 + 3 </answer>", "<answer> 2 + 3 </answer>", "binary", -0.5, -0.5),
+]
+
+
+@pytest.mark.parametrize("attempt, retry, kind, repeat_reward, want", REWARDS)
+def test_retry_reward_table(attempt, retry, kind, repeat_reward, want):
+    assert not tasks.verify("countdown", attempt, EX).correct
+    repeated = verifiers.same_answer("countdown", retry, attempt)
+    assert loop.retry_reward(tasks.verify("countdown", retry, EX), repeated, kind, repeat_reward) == want
+
+
+def test_a_pass_is_never_a_repeat_penalty():
+    # a retry that passes earns 1 even if it were flagged as a repeat (e.g. the attempt was judged wrong
+    # for another reason): the penalty is for failing the same way again
+    assert loop.retry_reward(Verdict(True), True, "partial", -1.0) == 1.0
