@@ -95,8 +95,7 @@ def parse_args(argv=None):
                    help=f"binary: 1 if the verifier passes (the paper); partial: also {PARTIAL_CREDIT}")
     p.add_argument("--repeat-reward", type=float, default=None, metavar="R", help="r3: a failed retry whose answer "
                    "repeats the failed attempt's (the same, or an equivalent form) earns R instead of the verifier's "
-                   "credit (default: none, the verifier's reward as the paper; embedded model on countdown: "
-                   f"{EMBEDDED_COUNTDOWN.get('repeat_reward')}; docs/self_correction.md)")
+                   "credit (default: none, the verifier's reward, as the paper; docs/self_correction.md)")
     p.add_argument("--init-adapter", default=None, metavar="DIR", help="start from a saved LoRA adapter (a run "
                    "directory or an adapter directory; its LoRA shape is used); the KL reference stays the base model")
     p.add_argument("--warmup-steps", type=int, default=None, help="r3: plain GRPO steps on first attempts (reward "
@@ -187,7 +186,8 @@ limits (checked before anything loads; a broken one is one error line, exit code
   --group-size: at least 2 for r3 and grpo, at least 1 otherwise
   --lr, --clip-eps: > 0; --temperature: > 0 (Re-ReST: >= 0); --kl-beta, --alpha, --beta1, --beta2,
   --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps, --warmup-steps,
-  --refresh-failures, --token-budget, --micro-batch-tokens: >= 0; r3: --warmup-steps below --steps;
+  --refresh-failures, --token-budget, --micro-batch-tokens: >= 0; --repeat-reward (r3 only): at most 1;
+  r3: --warmup-steps below --steps;
   every number finite
   --eval-size 0: no eval (--eval-every is then ignored); --out-dir, --source, --model and the other
   names and paths: not empty

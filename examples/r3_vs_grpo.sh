@@ -33,8 +33,8 @@ train() {  # train OUT_DIR FLAGS...: skipped when finished, resumed when killed;
 evaluate() {  # evaluate [--adapter RUN] [FLAGS]: eval.py skips the examples it already has
     mkdir -p "$EVALS"
     python eval.py --task countdown --source easy --n "$N" --max-new-tokens 24 --reflect-tokens 32 \
-        --batch-size 50 --out "$EVALS" "$@" >> "$EVALS/eval.log" 2>&1
-    echo "$(date +%T) evaluated ${2:-the base model}: $(grep -o 'accuracy@t2[^|]*|[^|]*' "$EVALS/eval.log" | tail -n 1)"
+        --batch-size 50 --out "$EVALS" "$@" >> "$EVALS/eval-$(basename "${2:-base}").log" 2>&1
+    echo "$(date +%T) evaluated ${2:-the base model}: $(grep -o 'accuracy@t2[^|]*|[^|]*' "$EVALS/eval-$(basename "${2:-base}").log" | tail -n 1)"
 }
 export -f train evaluate
 parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }  # each stdin line a command, JOBS at a time

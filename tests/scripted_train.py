@@ -9,12 +9,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cli  # noqa: E402
 import tasks  # noqa: E402
 import train_r3  # noqa: E402
+import verifiers  # noqa: E402
 from verifiers import Verdict  # noqa: E402
 
 
 def scripted_verify(task, text, example):
     ok = zlib.crc32(text.encode()) % 2 == 0
     return Verdict(ok, None if ok else "scripted", "scripted verdict")
+
+
+def scripted_same_answer(task, retry, attempt):
+    """A tiny random model's retry never repeats its attempt's answer; a third of them do here, by crc32,
+    so --repeat-reward changes rewards in these runs."""
+    return zlib.crc32(retry.encode()) % 3 == 0
 
 
 def kill_at(point: str, step: int):
@@ -43,6 +50,7 @@ def kill_at(point: str, step: int):
 
 if __name__ == "__main__":
     tasks.verify = scripted_verify
+    verifiers.same_answer = scripted_same_answer
     if os.environ.get("R3_KILL_AT"):
         where, at = os.environ["R3_KILL_AT"].split(":")
         kill_at(where, int(at))

@@ -85,6 +85,9 @@ def steps(run_dir) -> list[int]:
     (["--token-budget", "-5"], "--token-budget"), (["--init-adapter", "/no/such/run"], "no adapter at"),
     (["--method", "r3", "--warmup-steps", "3", "--steps", "3"], "leaves no R3 step"),
     (["--warmup-steps", "2"], "are R3's"),  # the finished run is GRPO's
+    (["--repeat-reward", "0"], "--repeat-reward is R3's"), (["--method", "r3", "--repeat-reward", "2"], "at most 1"),
+    (["--method", "r3", "--repeat-reward", "inf"], "--repeat-reward must be a finite"),
+    (["--method", "r3", "--repeat-reward", "nan"], "--repeat-reward must be a finite"),
     (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
 ])
 def test_train_flags(flags, message, finished_run, tiny_model_dir, tmp_path, capsys):

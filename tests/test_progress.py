@@ -35,7 +35,11 @@ def test_a_training_log_has_one_plain_line_per_step(tiny_model_dir, tmp_path):
     assert "\x1b" not in text and "\r" not in text  # no cursor escapes, no bar redraws
     steps = re.findall(r"^step (\d+)/3 r3 countdown \((\w+)\): reward [\d.]+, signal [\d.]+, ", text, re.M)
     assert steps == [("1", "warmup"), ("2", "r3"), ("3", "r3")]
-    assert len(re.findall(r"^step \d+: eval first try", text, re.M)) == 3  # step 0, step 2, the last
+    evals = re.findall(r"^step \d+: eval first try ([\d.]+), second try ([\d.]+), Δ i→c ([+-][\d.]+), "
+                       r"Δ c→i ([+-][\d.]+)$", text, re.M)
+    assert len(evals) == 3  # step 0, step 2, the last; each with its Δ i→c
+    for t1, t2, i2c, c2i in evals:  # the second try differs from the first by what it fixed and what it broke
+        assert abs(float(t2) - float(t1) - (float(i2c) - float(c2i))) < 2e-3
     assert len(re.findall(r"^failure set after step 1: ", text, re.M)) == 1
     assert "Loading weights" not in text and "it/s" not in text and "tok/s" not in text
 

@@ -54,11 +54,14 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
     assert any(v.abs().sum() > 0 for k, v in adapter_weights(run).items() if "lora_B" in k)
 
 
-@pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2"]], ids=["r3", "phases"])
+@pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2"],
+                                    ["--reward", "partial", "--repeat-reward", "-0.5"]],
+                         ids=["r3", "phases", "repeat-reward"])
 def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases):
     """Killed after a checkpoint at step 3-5 and resumed: the uninterrupted run's steps, rewards, failure
     sets and weights. With phases: GRPO warm-up steps 1-2, then R3 on a failure set built after step 2
-    and rebuilt after step 4, so the kill lands between a set's build and its rebuild."""
+    and rebuilt after step 4, so the kill lands between a set's build and its rebuild. With
+    --repeat-reward: retries that repeat their attempt (scripted: a third) earn -0.5, before and after."""
     steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0", *phases]
     # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
     # uninterrupted runs were seen to drift apart by rounding within a few steps at this learning rate.
@@ -95,7 +98,10 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
     for step in range(1, 7):
         assert last[step]["reward"] == ref[step]["reward"], step
         assert last[step].get("phase") == ref[step].get("phase"), step
-    if phases:
+        assert last[step].get("repeat_frac") == ref[step].get("repeat_frac"), step
+    if "--repeat-reward" in phases:  # the penalty was paid: without it a step's reward is its pass rate
+        assert any(ref[s]["repeat_frac"] > 0 and ref[s]["reward"] < ref[s]["solved"] for s in ref)
+    if "--warmup-steps" in phases:
         assert [ref[s]["phase"] for s in range(1, 7)] == ["warmup"] * 2 + ["r3"] * 4
         sets = sorted(p.name for p in straight.glob("failures*.jsonl"))
         assert sets == ["failures-step000002.jsonl", "failures-step000004.jsonl"]
