@@ -215,13 +215,16 @@ def plot(runs: Path, order: list[str], path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    everyone = arm_curves(runs, "solved")
+    colors = {label: f"C{n}" for n, label in enumerate([x for x in order if x in everyone] +
+                                                      sorted(set(everyone) - set(order)))}  # one per arm
     for ax, key, title in zip(axes, ("solved", "signal_frac", "repeat_frac"),
                               ("training: fraction of sampled answers that pass", "groups with signal",
                                "R3: retries that repeat the failed answer")):
         arms = arm_curves(runs, key)
         labels = [x for x in order if x in arms] + sorted(set(arms) - set(order))
-        for n, label in enumerate(labels):
-            curves, color = arms[label], f"C{n}"
+        for label in labels:
+            curves, color = arms[label], colors.get(label, "C9")
             for x, y in curves:
                 ax.plot(x, y, ".", color=color, alpha=0.3, markersize=4)
             grid, mean, lo, hi = seed_band(curves)
