@@ -45,6 +45,30 @@ def test_table_rows_intervals_and_the_arm_difference(tmp_path):
     assert (tmp_path / "out.png").stat().st_size > 0
 
 
+def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path):
+    """Of 4 failed first tries ("1 + 2"): retries "1 + 2" (word for word), "2+1" (equivalent), "1 * 2" and
+    no answer; reflections "try 1 * 2" (a new candidate), "1 + 2" (the same one), and two without one."""
+    evals, runs = tmp_path / "evals", tmp_path / "runs"
+    evals.mkdir()
+    retries = ["<answer> 1 + 2 </answer>", "<answer>2+1</answer>", "<answer> 1 * 2 </answer>", "no idea"]
+    reflections = ["try 1 * 2", "it was 1 + 2", "think again", "use other numbers"]
+    for run in ("a-s1", "b-s1"):
+        (runs / run / "ckpt-000001" / "adapter").mkdir(parents=True)
+        lines = [json.dumps({"config": {"adapter": str(runs / run / "ckpt-000001/adapter"), "task": "countdown"}})]
+        for i, (retry, reflection) in enumerate(zip(retries, reflections)):
+            lines.append(json.dumps({"id": f"p{i}", "t1": {"correct": False, "error": "missed_target",
+                                                         "text": "<answer> 1 + 2 </answer>"},
+                                     "t2": {"correct": False, "error": "x", "text": retry},
+                                     "reflection": {"text": reflection}}))
+        (evals / f"results-{run}.jsonl").write_text("\n".join(lines) + "\n")
+    report.main(["--evals", str(evals), "--runs", str(runs), "--out", str(tmp_path / "out"), "--bootstrap", "50",
+                 "--compare", "a,b;b,a"])
+    table = (tmp_path / "out.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| a | "))
+    assert row.split(" | ")[7:10] == ["25% of 4", "50% of 4", "25% of 4"]
+    assert "a − b, acc@t2: +0.0 points" in table and "b − a, acc@t2: +0.0 points" in table
+
+
 def test_interval_is_the_middle_95_percent():
     lo, hi = report.interval(list(range(1001)))
     assert (lo, hi) == (25, 975)
