@@ -11,7 +11,7 @@
 #  4. examples/report.py: the table with bootstrap intervals (docs/r3_vs_grpo.md) and the curves (.png).
 # JOBS runs go at once, each on CPUS/JOBS threads (2 single-threaded runs beat one run on 2 threads on a
 # 2-core CPU: docs/self_correction.md). A rerun skips finished runs and evals and resumes a killed one.
-# About 2 h on a 2-core CPU:
+# 2 h 16 min on a 2-core Xeon for all its runs but one (docs/self_correction.md):
 #   bash examples/r3_vs_grpo.sh
 #   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 bash examples/r3_vs_grpo.sh
 set -euo pipefail
