@@ -134,6 +134,15 @@ class _Parser:
         raise _Invalid(f"unexpected {token!r}")
 
 
+def _evaluate(expr: str) -> tuple[list[int], Fraction]:
+    """A whole expression's numbers (sorted) and exact value; _Invalid if it is not a legal equation."""
+    parser = _Parser(_tokenize(expr))
+    value = parser.expr(0)
+    if parser.peek() is not None:
+        raise _Invalid(f"unexpected {parser.peek()!r}")
+    return sorted(parser.numbers), value
+
+
 @_never_raises
 def countdown(text: str, example: dict) -> Verdict:
     """Last <answer>...</answer> must use every number in example["nums"] exactly once and
@@ -147,16 +156,12 @@ def countdown(text: str, example: dict) -> Verdict:
     if len(expr) > MAX_EXPR_CHARS:
         return _fail("invalid_equation", f"expression longer than {MAX_EXPR_CHARS} characters")
     try:
-        parser = _Parser(_tokenize(expr))
-        value = parser.expr(0)
-        if parser.peek() is not None:
-            raise _Invalid(f"unexpected {parser.peek()!r}")
+        used, value = _evaluate(expr)
     except _Invalid as e:
         return _fail("invalid_equation", str(e))
     nums, target = sorted(int(n) for n in example["nums"]), Fraction(example["target"])
-    if sorted(parser.numbers) != nums:
-        return _fail("wrong_numbers",
-                     f"used numbers {sorted(parser.numbers)} but must use {nums} exactly once")
+    if used != nums:
+        return _fail("wrong_numbers", f"used numbers {used} but must use {nums} exactly once")
     if value != target:
         return _fail("missed_target", f"expression equals {value}, target is {target}")
     return Verdict(True)
@@ -391,13 +396,10 @@ def answer_key(task: str, text: str, loose: bool = False):
             if body is None or not body.strip() or len(body) > MAX_EXPR_CHARS:
                 return None
             try:
-                parser = _Parser(_tokenize(body))
-                value = parser.expr(0)
-                if parser.peek() is None:
-                    return tuple(sorted(parser.numbers)), value
+                used, value = _evaluate(body)
+                return tuple(used), value
             except _Invalid:
-                pass
-            return "".join(body.split())  # not an equation: equal only to the same characters
+                return "".join(body.split())  # not an equation: equal only to the same characters
         if task == "math":
             found = _final_answer(text)
             return None if found is None or not found.strip() else _normalize(found)
@@ -420,10 +422,10 @@ def same_answer(task: str, retry: str, attempt: str) -> bool:
     key = answer_key(task, retry)
     if key is None:
         return False
-    if key == answer_key(task, attempt):
+    other = answer_key(task, attempt)
+    if key == other:
         return True
     if task == "math":  # "1/2" and "0.5": the math verifier's own equivalence
-        other = answer_key(task, attempt)
         a, b = _as_number(key), _as_number(other or "")
         return (a is not None and a == b) or (other is not None and math_equiv.equal(key, other, seconds=0.2))
     return False

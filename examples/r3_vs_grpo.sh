@@ -26,14 +26,16 @@ train() {  # train OUT_DIR FLAGS...: skipped when finished, resumed when killed;
     local out=$1; shift
     [ -e "$out/finished" ] && return
     mkdir -p "$(dirname "$out")"
-    python train_r3.py $COMMON "$@" --out-dir "$out" $([ -e "$out/args.json" ] && echo --resume) >> "$out.log" 2>&1
+    python train_r3.py $COMMON "$@" --out-dir "$out" $([ -e "$out/args.json" ] && echo --resume) >> "$out.log" 2>&1 \
+        || { echo "$(date +%T) training $out failed: see $out.log"; return 1; }  # not marked finished
     touch "$out/finished"
     echo "$(date +%T) trained $out: $(tail -n 2 "$out.log" | head -n 1)"
 }
 evaluate() {  # evaluate [--adapter RUN] [FLAGS]: eval.py skips the examples it already has
     mkdir -p "$EVALS"
     python eval.py --task countdown --source easy --n "$N" --max-new-tokens 24 --reflect-tokens 32 \
-        --batch-size 50 --out "$EVALS" "$@" >> "$EVALS/eval-$(basename "${2:-base}").log" 2>&1
+        --batch-size 50 --out "$EVALS" "$@" >> "$EVALS/eval-$(basename "${2:-base}").log" 2>&1 \
+        || { echo "$(date +%T) evaluating ${2:-the base model} failed: see $EVALS/eval-$(basename "${2:-base}").log"; return 1; }
     echo "$(date +%T) evaluated ${2:-the base model}: $(grep -o 'accuracy@t2[^|]*|[^|]*' "$EVALS/eval-$(basename "${2:-base}").log" | tail -n 1)"
 }
 export -f train evaluate
@@ -47,7 +49,7 @@ R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 
         echo "train $OUT/r3-repeat0-s$s $R3 --repeat-reward 0 --seed $s && evaluate --adapter $OUT/r3-repeat0-s$s"
         echo "train $OUT/r3-s$s $R3 --seed $s && evaluate --adapter $OUT/r3-s$s"
         echo "train $OUT/grpo-s$s --method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET --seed $s && evaluate --adapter $OUT/grpo-s$s"
-        [ "$s" = "${SEEDS%% *}" ] && echo "evaluate" && echo "evaluate --adapter $OUT/start"
+        if [ "$s" = "${SEEDS%% *}" ]; then echo "evaluate"; echo "evaluate --adapter $OUT/start"; fi
     done
     if [ "$EXTRA" = 1 ]; then
         echo "train $OUT/score --method score --init-adapter $OUT/start --steps ${SCORE_STEPS:-8} --stage1-steps ${SCORE_STAGE1:-4} --seed 1 && evaluate --adapter $OUT/score --method score"
