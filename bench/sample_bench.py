@@ -8,8 +8,10 @@ decode: the embedded model with a LoRA (r 16, all linear layers, random non-zero
 Countdown first-attempt prompts (~316 tokens) x n = 4, temperature 1, seeded, 32 new tokens (stops
 ignored). "before" is sample.py as of --before (a git revision; its generate); "now" is this tree's, on
 the same model. Decode time = the 33-token run less the 1-token run (the prefill). The matmul limit:
-the same model's linear layers (the frozen weights, the LoRA pairs and the output head) run back to
-back at the same row count, nothing else: the time a decode step could not go below.
+the matmuls sample.decode_step does (LoRA merged, q/k/v and gate/up fused, and the output head) run
+back to back at the same row count, nothing else, MKL-packed as decode_step runs them here (and plain
+x @ W.T in brackets); "weights read once": a sum over each of those weights, the memory floor of any
+fp32 decode step at any batch size.
 Prints "decode speed-up vs before: X.XX×" (batch 16).
 
 group: each prompt gets a group of n samples (temperature 1, fixed length: stop tokens ignored, so
@@ -142,29 +144,34 @@ def decode_time(sampler, model, tok, prompts, n, new=32, repeats=2):
 
 
 def matmul_limit(model, rows: int, repeats: int = 3) -> dict:
-    """Seconds for one pass of the model's matmuls at `rows` rows, run back to back on inputs made
-    beforehand: the frozen linear layers (as the model stores and computes them), the LoRA pairs (A and
-    B), the output head, and their total."""
-    import torch.nn.functional as F
-    head = model.get_output_embeddings()
-    groups = {"frozen": [], "lora": [], "head": [head]}
-    for name, m in model.named_modules():
-        if isinstance(m, torch.nn.Linear) and m is not head:
-            groups["lora" if "lora_" in name else "frozen"].append(m)
-    inputs = {d: torch.randn(rows, d) for d in {m.in_features for ms in groups.values() for m in ms}}
+    """Seconds for one pass of the matmuls a decode step cannot skip, at `rows` rows, run back to back on
+    inputs made beforehand: the weights sample.decode_step multiplies (LoRA merged, q/k/v and gate/up
+    fused, the output head), "packed" as decode_step runs them on this machine and "plain" (x @ W.T on
+    the weights as stored); and "read": reading each weight once (a sum), the memory floor of any
+    decode step that keeps them in fp32."""
+    import sample
     out = {}
     with torch.inference_mode():
-        for group, layers in groups.items():
-            def one_pass():
-                for layer in layers:
-                    x = inputs[layer.in_features]
-                    layer(x) if layer is not head else F.linear(x, layer.weight)
-            one_pass()
-            t = time.perf_counter()
-            for _ in range(repeats):
-                one_pass()
-            out[group] = (time.perf_counter() - t) / repeats
-    out["total"] = sum(out.values())
+        for label, pack in (("plain", False), ("packed", sample.PACK_WEIGHTS)):
+            sample.PACK_WEIGHTS, was = pack, sample.PACK_WEIGHTS
+            dec = sample.decoder(model, rows)
+            sample.PACK_WEIGHTS = was
+            mats = [m for layer in dec.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [dec.head]
+            inputs = {m.weight.shape[1]: torch.randn(rows, m.weight.shape[1]) for m in mats}
+            for _ in range(repeats + 1):  # the first pass warms up
+                t = time.perf_counter()
+                for m in mats:
+                    m(inputs[m.weight.shape[1]])
+                out[label] = time.perf_counter() - t
+            if label == "plain":
+                weights = [m.weight for m in mats]
+                for _ in range(repeats + 1):
+                    t = time.perf_counter()
+                    for w in weights:
+                        w.sum()
+                    out["read"] = time.perf_counter() - t
+                out["bytes"] = sum(w.numel() * w.element_size() for w in weights)
+            del dec, mats
     return out
 
 
@@ -186,16 +193,16 @@ def decode_workload(args):
         del model
     print(f"\ndecode, embedded model + LoRA r 16, Countdown prompts x n = 4, 32 new tokens, temperature 1, "
           f"threads={torch.get_num_threads()}; before = sample.py at {args.before}\n")
-    print("| batch | before tok/s | now tok/s | speed-up | now ms/step | matmul limit ms/step (frozen + LoRA + "
-          "head) | limit / now | same tokens as before |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| batch | before tok/s | now tok/s | speed-up | now ms/step | matmul limit ms/step, packed (plain) "
+          "| limit / now | weights read once ms | same tokens as before |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for batch in args.decode_batches:
         (b_s, b_out, _), (n_s, n_out, lim) = rows["before", batch], rows["now", batch]
         same = sum(x == y for x, y in zip(b_out, n_out))
-        parts = " + ".join(f"{1000 * lim[k]:.1f}" for k in ("frozen", "lora", "head"))
-        print(f"| {batch} | {batch / b_s:.1f} | {batch / n_s:.1f} | {b_s / n_s:.2f}× | "
-              f"{1000 * n_s:.1f} | {1000 * lim['total']:.1f} ({parts}) | {100 * lim['total'] / n_s:.0f}% | "
-              f"{same}/{len(n_out)} |")
+        print(f"| {batch} | {batch / b_s:.1f} | {batch / n_s:.1f} | {b_s / n_s:.2f}× | {1000 * n_s:.1f} | "
+              f"{1000 * lim['packed']:.1f} ({1000 * lim['plain']:.1f}) | {100 * lim['packed'] / n_s:.0f}% | "
+              f"{1000 * lim['read']:.1f} ({lim['bytes'] / 2**20:.0f} MiB, {lim['bytes'] / lim['read'] / 1e9:.1f} "
+              f"GB/s) | {same}/{len(n_out)} |")
     first = args.decode_batches[0]
     print(f"\ndecode speed-up vs before: {rows['before', first][0] / rows['now', first][0]:.2f}× (batch {first})",
           flush=True)

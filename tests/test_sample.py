@@ -1,4 +1,5 @@
 """sample.generate: exact greedy decoding, shared prefill, early exit, seeds, LoRA/4-bit."""
+import contextlib
 import sys
 
 import pytest
@@ -9,6 +10,13 @@ import sample
 from sample import generate
 
 TEXTS = ["Hello, my name is", "The capital of France is a city that has many", "1 2 3", "Q"]
+
+
+@pytest.fixture(params=[True, False], ids=["decode_step", "hf-forward"])
+def fast_decode(request, monkeypatch):
+    """Both decode paths: sample.decode_step, and transformers' forward (sample.FAST_DECODE = False)."""
+    monkeypatch.setattr(sample, "FAST_DECODE", request.param)
+    return request.param
 
 
 def hf_greedy(m, tok, texts, max_new_tokens, stop_ids):
@@ -29,12 +37,12 @@ def ours_greedy(m, tok, texts, max_new_tokens, stop_ids, n=1):
                     pad_token_id=tok.pad_token_id)
 
 
-def test_greedy_matches_hf_generate_tiny(tiny):
+def test_greedy_matches_hf_generate_tiny(tiny, fast_decode):
     m, tok = tiny
     assert ours_greedy(m, tok, TEXTS, 24, []) == hf_greedy(m, tok, TEXTS, 24, [])
 
 
-def test_greedy_matches_hf_generate_with_stop_tokens_tiny(tiny):
+def test_greedy_matches_hf_generate_with_stop_tokens_tiny(tiny, fast_decode):
     m, tok = tiny
     free = ours_greedy(m, tok, TEXTS, 24, [])
     stop = [free[0][3], free[2][5]]  # tokens the model really emits, so some rows stop early
@@ -43,25 +51,38 @@ def test_greedy_matches_hf_generate_with_stop_tokens_tiny(tiny):
     assert len(ours[0]) <= 4 and ours[0][-1] in stop
 
 
-def test_greedy_matches_hf_generate_embedded(smol):
+def test_greedy_matches_hf_generate_embedded(smol, fast_decode):
     m, tok = smol
     stop = model_lib.stop_token_ids(tok)
     assert ours_greedy(m, tok, TEXTS[:3], 16, stop) == hf_greedy(m, tok, TEXTS[:3], 16, stop)
 
 
-def test_prefill_shared_and_finished_rows_dropped(tiny):
-    m, tok = tiny
-    batch_sizes = []
-    hook = m.register_forward_pre_hook(lambda mod, args, kw: batch_sizes.append(kw["input_ids"].shape[0]),
-                                       with_kwargs=True)
+@contextlib.contextmanager
+def rows_per_forward(m, monkeypatch):
+    """The rows fed at each forward, in order: transformers' forward (the prefills, and the decode steps
+    where sample.decode_step is off) and decode_step's."""
+    sizes, decode_step = [], sample.decode_step
+
+    def counted(dec, tokens, *args):
+        sizes.append(len(tokens))
+        return decode_step(dec, tokens, *args)
+    monkeypatch.setattr(sample, "decode_step", counted)
+    hook = m.register_forward_pre_hook(lambda mod, args, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
     try:
+        yield sizes
+    finally:
+        hook.remove()
+        monkeypatch.setattr(sample, "decode_step", decode_step)
+
+
+def test_prefill_shared_and_finished_rows_dropped(tiny, fast_decode, monkeypatch):
+    m, tok = tiny
+    with rows_per_forward(m, monkeypatch) as batch_sizes:
         free = ours_greedy(m, tok, TEXTS[:2], 12, [], n=3)
         # a stop token that prompt 0 emits at some step k >= 1 and prompt 1 never emits
         k = next(k for k in range(1, 12) if free[0][k] not in free[0][:k] + free[3])
         batch_sizes.clear()
         ours = ours_greedy(m, tok, TEXTS[:2], 12, [free[0][k]], n=3)
-    finally:
-        hook.remove()
     assert batch_sizes[0] == 2          # one prefill per prompt, not per sample
     assert batch_sizes[1] == 6          # then n rows per prompt
     assert min(batch_sizes[1:]) == 3    # prompt 0's three samples stopped after k + 1 tokens
@@ -164,7 +185,7 @@ def two_turns(m, tok, stop_ids, n_tokens):
 
 
 @pytest.mark.parametrize("which", ["tiny", "smol"])
-def test_shared_prefix_and_continuation_match_plain_and_hf(which, request):
+def test_shared_prefix_and_continuation_match_plain_and_hf(which, request, fast_decode):
     m, tok = request.getfixturevalue(which)
     stop = model_lib.stop_token_ids(tok) if which == "smol" else []
     n_tokens = 12 if which == "smol" else 16
@@ -268,22 +289,17 @@ def test_one_host_sync_per_decode_step(tiny, monkeypatch):
     assert reads.count("generate") == 10 + 1 and set(reads) == {"generate"}
 
 
-def test_stopped_rows_leave_the_batch_in_groups(tiny):
+def test_stopped_rows_leave_the_batch_in_groups(tiny, fast_decode, monkeypatch):
     """A row that stops stays in the batch (masked) until a quarter of the batch has stopped; then all
     stopped rows leave at once, and the outputs are those of rows that left at once."""
     m, tok = tiny
-    batch_sizes = []
-    hook = m.register_forward_pre_hook(lambda mod, args, kw: batch_sizes.append(kw["input_ids"].shape[0]),
-                                       with_kwargs=True)
     prompts = [tok(t)["input_ids"] for t in TEXTS * 2]
-    try:
+    with rows_per_forward(m, monkeypatch) as batch_sizes:
         free = generate(m, prompts, max_new_tokens=12, temperature=0, pad_token_id=tok.pad_token_id)
         stop = [free[0][2]]  # a token row 0 emits (and maybe others)
         batch_sizes.clear()
         ours = generate(m, prompts, max_new_tokens=12, temperature=0, stop_token_ids=stop,
                         pad_token_id=tok.pad_token_id)
-    finally:
-        hook.remove()
     cut = [next((i + 1 for i, t in enumerate(o) if t in stop), len(o)) for o in free]
     assert ours == [o[:c] for o, c in zip(free, cut)]
     stopped_by = [sum(c <= s + 1 for c in cut) for s in range(12)]  # rows stopped after step s
@@ -320,3 +336,80 @@ def test_prompts_per_call_fits_the_kv_budget(tiny, monkeypatch):
     calls.clear()
     assert [t.ids for t in rollout.sample_turns(m, tok, convs, rollout.Gen(8, 1.0, seed=5), n=2)] == [t.ids for t in turns]
     assert calls == [4]
+
+
+# ---------------------------------------------------------------------------------------- decode_step
+# sample.decode_step decodes without transformers' forward: LoRA merged, q/k/v and gate/up fused, the
+# batch's common prefix attended once for all rows. Its logits and cache writes must be transformers'.
+
+def lora_tiny(tiny_model_dir, seed=0):
+    """The tiny model with a LoRA on every linear layer, B random (a trained adapter is not zero)."""
+    m, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m.eval(), tok
+
+
+def tiny_qwen2(tmp_path, tok):
+    """A tiny random Qwen2 (q/k/v with biases, untied head)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=2048,
+                         tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(1)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    m, tok = model_lib.load_model(str(tmp_path), device="cpu")
+    return m.eval(), tok
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama+lora", "llama+lora, adapter off", "qwen2"])
+def test_decode_step_equals_transformers_forward(kind, tiny, tiny_model_dir, tmp_path):
+    """Turn 2 of a conversation whose rows continue caches of different lengths sharing a prefix: three
+    decode steps by decode_step and by transformers' forward (on copies of one prefilled cache) give the
+    same logits and write the same keys and values."""
+    import copy
+    m, tok = tiny
+    if "lora" in kind:
+        m, _ = lora_tiny(tiny_model_dir)
+    elif kind == "qwen2":
+        m, _ = tiny_qwen2(tmp_path, tok)
+    off = m.disable_adapter() if "off" in kind else contextlib.nullcontext()
+    with off, torch.inference_mode():
+        turn2, pasts = two_turns(m, tok, [], 6)
+        cache, mask, logits = sample.prefill(m, turn2, pasts, tok.pad_token_id, 8)
+        assert cache.shared >= len(tok(PREFIX)["input_ids"]) - 1  # the rows' common prefix is shared
+        dec = sample.decoder(m, len(turn2))
+        assert dec is not None
+        theirs = copy.deepcopy(cache)
+        pos = mask.sum(1, keepdim=True) - 1
+        tokens = logits.argmax(-1)
+        for step in range(3):
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
+            pos = pos + 1
+            ours_logits = sample.decode_step(dec, tokens, pos, cache, mask)
+            hf_logits = m(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos, cache=theirs,
+                          use_cache=True).logits[:, -1]
+            torch.testing.assert_close(ours_logits, hf_logits, rtol=1e-4, atol=1e-4)
+            tokens = hf_logits.argmax(-1)
+        for ours, hf in zip(cache.layers, theirs.layers):
+            torch.testing.assert_close(ours.keys, hf.keys, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(ours.values, hf.values, rtol=1e-5, atol=1e-5)
+    if kind == "llama+lora":  # the adapter is merged for decoding only: the model's own weights are untouched
+        base = m.get_base_model().model.layers[0].self_attn.q_proj
+        assert not base.merged and base.lora_B["default"].weight.abs().sum() > 0
+
+
+def test_decoder_declines_what_it_does_not_know(tiny, tiny_model_dir, monkeypatch):
+    """decode_step runs Llama and Qwen2 with plain or LoRA linears; anything else (4-bit layers, the switch
+    off) decodes by transformers' forward."""
+    m, tok = tiny
+    assert sample.decoder(m, 4) is not None
+    monkeypatch.setattr(sample, "FAST_DECODE", False)
+    assert sample.decoder(m, 4) is None
+    monkeypatch.setattr(sample, "FAST_DECODE", True)
+    q4, _ = model_lib.load_model(str(tiny_model_dir), lora_r=4, load_in_4bit=True, device="cpu")
+    assert sample.decoder(q4, 4) is None
