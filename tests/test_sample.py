@@ -152,6 +152,22 @@ def test_pick_draws_from_the_distribution():
     assert torch.allclose(freq_p, torch.tensor([0, 5 / 8, 0, 3 / 8, 0, 0]), atol=0.015)
 
 
+def test_pick_equals_a_plain_inverse_cdf():
+    """The two-level draw (block masses, then one block's cumulative sum) picks the token a cumulative sum
+    over the whole vocabulary picks; a uniform next to 1 never lands on a zero-probability token."""
+    from sample import pick
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 5000, generator=g) * 3
+    logits[:, 2100:] = float("-inf")  # the tail of the distribution, and most of a block, has no mass
+    for seed in range(20):
+        u = torch.rand(64, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+        cdf = torch.softmax(logits, -1).double().cumsum(-1)
+        plain = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(1)
+        assert torch.equal(pick(logits, 1.0, 1.0, u), plain)
+    edge = pick(logits, 1.0, 1.0, torch.full((64,), 1 - 2 ** -53, dtype=torch.float64))
+    assert (edge < 2100).all() and torch.equal(edge, logits.isfinite().sum(-1) - 1)
+
+
 # ---------------------------------------------------------------------------------------------- reuse
 # A shared prefix prefilled once, and a finished turn's cache continued by the next turn, must give the
 # tokens of a plain prefill (and of HF generate on the whole sequence).
@@ -404,8 +420,8 @@ def test_decode_step_equals_transformers_forward(kind, tiny, tiny_model_dir, tmp
 
 
 def test_decoder_declines_what_it_does_not_know(tiny, tiny_model_dir, monkeypatch):
-    """decode_step runs Llama and Qwen2 with plain or LoRA linears; anything else (4-bit layers, the switch
-    off) decodes by transformers' forward."""
+    """decode_step runs Llama and Qwen2 in float32 with plain or LoRA linears; anything else (4-bit layers,
+    bf16, the switch off) decodes by transformers' forward."""
     m, tok = tiny
     assert sample.decoder(m, 4) is not None
     monkeypatch.setattr(sample, "FAST_DECODE", False)
@@ -413,3 +429,5 @@ def test_decoder_declines_what_it_does_not_know(tiny, tiny_model_dir, monkeypatc
     monkeypatch.setattr(sample, "FAST_DECODE", True)
     q4, _ = model_lib.load_model(str(tiny_model_dir), lora_r=4, load_in_4bit=True, device="cpu")
     assert sample.decoder(q4, 4) is None
+    bf16, _ = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu", dtype=torch.bfloat16)
+    assert sample.decoder(bf16, 4) is None  # merged into bf16 weights, the LoRA update would be rounded away
