@@ -8,10 +8,15 @@ Why not `model.generate`? It redoes work that our rollouts share:
     (reflection -> retry, attempt -> correction) prefills only the tokens added since.
 Stopped rows leave the batch in groups (a quarter of it at a time, one copy of the cache for many), so a
 long straggler does not keep paying for the short ones; the host reads one small tensor per decode step.
+Decode steps (one new token per row) run in decode_step, not transformers' forward, for Llama and Qwen2
+models in float32: the same arithmetic with LoRA merged into packed weights and the batch's common
+prefix attended once (see "Decode steps" below); prefill always runs transformers' forward.
 
 The batch's cache, one row per sequence, one column per slot:
 
-    [ past: left-padded | new prompt tokens: left-padded | sampled tokens ... ]
+    [ common prefix | past: left-padded | new prompt tokens: left-padded | sampled tokens ... ]
+
+(the common prefix: the tokens every row's past starts with, the same keys and values in every row).
 
 Pad slots are masked out and position ids count a row's real tokens only, so every row attends to
 exactly the keys, at exactly the positions, it would have alone (tests/test_sample.py checks the
@@ -160,20 +165,21 @@ def prefill(model, prompts: list[list[int]], pasts: list[Past | None], pad_token
 
 
 # ---- Decode steps without transformers' forward ------------------------------------------------------
-# A decode step feeds one token per row. At the batch sizes here it is bound by reading memory, not by
-# arithmetic: every weight once (the model's 211 matmuls), and every row's keys and values. transformers'
-# forward adds ~1,500 small operations per step around them (LoRA's two extra matmuls and an add per
-# layer, the 4-D mask, SDPA's kernel, which is slow for one query). decode_step does the same
-# arithmetic with LoRA merged into the weights (for this call only: the update still sees base + LoRA),
-# q/k/v and gate/up fused into one matmul each, and attention over the batch's common prefix (the
-# system prompt and solved examples: ~256 of ~330 cached tokens) read once for all rows, not once per
-# row. Tested against transformers' forward in tests/test_sample.py.
+# A decode step feeds one token per row: at the batch sizes here it is the model's 211 weight matmuls at
+# a few rows each, and every row's keys and values read once. transformers' forward adds ~1,500 small
+# operations around them (per linear, LoRA's two extra matmuls and an add; the 4-D mask; an SDPA kernel
+# built for many queries). decode_step does the same arithmetic with LoRA merged into the weights (a
+# copy for this call: the update still trains base + LoRA), q/k/v and gate/up fused into one matmul
+# each, the weights packed for MKL's GEMM at the batch's row count, and the batch's common prefix (the
+# system prompt and solved examples: ~256 of ~330 cached tokens) attended once for all rows instead of
+# once per row. Tested against transformers' forward in tests/test_sample.py; measured in
+# bench/sample_bench.py and docs/performance.md.
 
 @dataclass
 class Matrix:
     """A weight decode_step multiplies by: matrix(x) = x @ weight.T, as is, or (on a CPU, in fp32) packed
-    by MKL for exactly `rows` rows, as inductor's weight freezing does: at 16 rows the embedded model's
-    matmuls took 43 ms packed, 72 ms unpacked (2026-12-02; bench/sample_bench.py prints both)."""
+    for MKL's GEMM at exactly `rows` rows, the op inductor's weight freezing uses for fp32 linears: faster
+    at a few rows than a plain matmul (bench/sample_bench.py times both)."""
     weight: torch.Tensor          # packed: a zero-stride stand-in of the weight's shape, never read
     packed: torch.Tensor | None = None
     rows: int = 0
