@@ -186,7 +186,7 @@ class Matrix:
 
     @classmethod
     def make(cls, weight: torch.Tensor, rows: int) -> "Matrix":
-        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not PACK_WEIGHTS:
+        if weight.device.type != "cpu" or weight.dtype != torch.float32 or not PACK_WEIGHTS or rows > PACK_MAX_ROWS:
             return cls(weight)
         packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
         return cls(weight.new_zeros(()).expand(weight.shape), packed, rows)  # the weight itself can go
@@ -199,8 +199,11 @@ class Matrix:
         return torch.ops.mkl._mkl_linear(x, self.packed, self.weight, None, self.rows)[:n]
 
 
-# MKL-packed weights for decode_step on the CPU (Matrix); False: plain matmuls (the bench compares them).
+# MKL-packed weights for decode_step on the CPU (Matrix), for calls of at most PACK_MAX_ROWS rows (an R3
+# or GRPO step's 16); False: plain matmuls. Measured (docs/performance.md): at 16 rows a decode step was
+# ~20% faster packed; at 32-64 rows not faster, and an eval's peak memory grew by 1.3 GB.
 PACK_WEIGHTS = hasattr(torch.ops.mkl, "_mkl_reorder_linear_weight") and torch.backends.mkl.is_available()
+PACK_MAX_ROWS = 16
 
 
 @dataclass

@@ -9,8 +9,8 @@ Countdown first-attempt prompts (~316 tokens) x n = 4, temperature 1, seeded, 32
 ignored). "before" is sample.py as of --before (a git revision; its generate); "now" is this tree's, on
 the same model. Decode time = the 33-token run less the 1-token run (the prefill). The matmul limit:
 the matmuls sample.decode_step does (LoRA merged, q/k/v and gate/up fused, and the output head) run
-back to back at the same row count, nothing else, MKL-packed as decode_step runs them here (and plain
-x @ W.T in brackets); "weights read once": a sum over each of those weights, the memory floor of any
+back to back at the same row count, nothing else, MKL-packed (as decode_step runs them up to
+sample.PACK_MAX_ROWS rows) and plain x @ W.T in brackets; "weights read once": a sum over each of those weights, the memory floor of any
 fp32 decode step at any batch size.
 Prints "decode speed-up vs before: X.XX×" (batch 16).
 
@@ -153,9 +153,10 @@ def matmul_limit(model, rows: int, repeats: int = 3) -> dict:
     out = {}
     with torch.inference_mode():
         for label, pack in (("plain", False), ("packed", sample.PACK_WEIGHTS)):
-            sample.PACK_WEIGHTS, was = pack, sample.PACK_WEIGHTS
+            was = sample.PACK_WEIGHTS, sample.PACK_MAX_ROWS
+            sample.PACK_WEIGHTS, sample.PACK_MAX_ROWS = pack, rows
             dec = sample.decoder(model, rows)
-            sample.PACK_WEIGHTS = was
+            sample.PACK_WEIGHTS, sample.PACK_MAX_ROWS = was
             mats = [m for layer in dec.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [dec.head]
             inputs = {m.weight.shape[1]: torch.randn(rows, m.weight.shape[1]) for m in mats}
             for _ in range(repeats + 1):  # the first pass warms up

@@ -382,12 +382,14 @@ def tiny_qwen2(tmp_path, tok):
     return m.eval(), tok
 
 
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
 @pytest.mark.parametrize("kind", ["llama", "llama+lora", "llama+lora, adapter off", "qwen2"])
-def test_decode_step_equals_transformers_forward(kind, tiny, tiny_model_dir, tmp_path):
+def test_decode_step_equals_transformers_forward(kind, pack, tiny, tiny_model_dir, tmp_path, monkeypatch):
     """Turn 2 of a conversation whose rows continue caches of different lengths sharing a prefix: three
     decode steps by decode_step and by transformers' forward (on copies of one prefilled cache) give the
     same logits and write the same keys and values."""
     import copy
+    monkeypatch.setattr(sample, "PACK_WEIGHTS", pack and sample.PACK_WEIGHTS)
     m, tok = tiny
     if "lora" in kind:
         m, _ = lora_tiny(tiny_model_dir)
@@ -399,7 +401,7 @@ def test_decode_step_equals_transformers_forward(kind, tiny, tiny_model_dir, tmp
         cache, mask, logits = sample.prefill(m, turn2, pasts, tok.pad_token_id, 8)
         assert cache.shared >= len(tok(PREFIX)["input_ids"]) - 1  # the rows' common prefix is shared
         dec = sample.decoder(m, len(turn2))
-        assert dec is not None
+        assert dec is not None and (dec.head.packed is not None) == sample.PACK_WEIGHTS
         theirs = copy.deepcopy(cache)
         pos = mask.sum(1, keepdim=True) - 1
         tokens = logits.argmax(-1)
