@@ -78,7 +78,8 @@ def run_ours(a) -> dict:
     steps = []
     for k in range(a.warmup + a.max_steps):
         queries = [{"example": ex} for ex in examples[k * a.prompts:(k + 1) * a.prompts]]
-        s = train_r3.train_step(model, tok, optimizer, args, cfg, queries, seeds=[1000 * k + i for i in range(len(queries))])
+        s = train_r3.train_step(model, tok, optimizer, args, cfg, queries, seeds=[1000 * k + i for i in range(len(queries))],
+                                method="grpo", reward_kind=args.reward)
         assert all(s["signal"]) and s["tokens"][0] == a.prompts * a.group_size * a.max_new_tokens, s
         steps.append({"sample": s["sample_s"][0], "step": s["step_s"][0]})
     prompt_len = [len(rollout.chat_ids(tok, tasks_messages(ex))) for ex in examples[:a.prompts]]
