@@ -151,7 +151,8 @@ def prefill(model, prompts: list[list[int]], pasts: list[Past | None], pad_token
     shared = len(os.path.commonprefix([p.ids for p in pasts])) if with_past else 0
     width, new_width = max(done), max(map(len, news))
     ids = torch.tensor([[pad_token_id] * (new_width - len(s)) + s for s in news], device=device)
-    mask = torch.tensor([[1] * shared + [0] * (width - d) + [1] * (d - shared) + [0] * (new_width - len(s)) + [1] * len(s) for d, s in zip(done, news)], device=device)
+    mask = torch.tensor([[1] * shared + [0] * (width - d) + [1] * (d - shared) + [0] * (new_width - len(s)) + [1] * len(s)
+                         for d, s in zip(done, news)], device=device)
     cache = DynamicCache()
     cache.layer_class_to_replicate = functools.partial(SpareCapacityLayer, spare=spare)
     if width:  # the cache starts as the pasts
@@ -326,7 +327,7 @@ def decode_step(dec: Decoder, tokens: torch.Tensor, pos: torch.Tensor, cache, ma
         kv.v_buf[:, :, t] = v.view(B, KV, D)
         kv.length = t + 1
         keys, values = kv._views()
-        # scores against the common prefix, one matmul per kv head for all rows; then each row's own
+        # scores against each row's own slots; against the common prefix, one matmul per kv head for all rows
         own = (q @ keys[:, :, P:].transpose(2, 3)).masked_fill(blocked, float("-inf"))
         if P:
             q_all = q.transpose(0, 1).reshape(KV, B * G, D)

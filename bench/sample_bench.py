@@ -10,8 +10,8 @@ ignored). "before" is sample.py as of --before (a git revision; its generate); "
 the same model. Decode time = the 33-token run less the 1-token run (the prefill). The matmul limit:
 the matmuls sample.decode_step does (LoRA merged, q/k/v and gate/up fused, and the output head) run
 back to back at the same row count, nothing else, MKL-packed (as decode_step runs them up to
-sample.PACK_MAX_ROWS rows) and plain x @ W.T in brackets; "weights read once": a sum over each of those weights, the memory floor of any
-fp32 decode step at any batch size.
+sample.PACK_MAX_ROWS rows) and plain x @ W.T in brackets; "weights read once": a sum over each of
+those weights, the memory floor of any fp32 decode step at any batch size.
 Prints "decode speed-up vs before: X.XX×" (batch 16).
 
 group: each prompt gets a group of n samples (temperature 1, fixed length: stop tokens ignored, so
