@@ -39,15 +39,20 @@ def reward(verdict, kind: str = "binary") -> float:
     return PARTIAL_CREDIT.get(verdict.error, 0.0) if kind == "partial" else 0.0
 
 
-def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: float | None = None) -> float:
-    """R3's reward for a retry. repeat_reward None: the verifier's (the paper, with kind binary). Else a
-    failed retry that repeats the failed attempt's answer (verifiers.same_answer) earns repeat_reward
-    instead of its partial credit: under partial credit a copy earned as much as the attempt did, so
-    copying was the safest thing a reflection could lead to (docs/self_correction.md). Ours, not the
-    paper's; in the spirit of UFO's repeat penalty (arXiv 2507.14295). A shift by the attempt's own
-    reward, as SCoRe's r2 - r1, would change nothing here: every retry of a group follows the same attempt."""
+def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: float | None = None,
+                 attempt=None) -> float:
+    """R3's reward for a retry. By default the verifier's (the paper, with kind binary).
+    repeat_reward: a failed retry that repeats the failed attempt's answer (verifiers.same_answer) earns
+    repeat_reward instead of its partial credit: under partial credit a copy earned as much as the attempt
+    did, so copying was the safest thing a reflection could lead to (in the spirit of UFO's repeat
+    penalty, arXiv 2507.14295). attempt (--retry-reward progress): the failed attempt's verdict; the
+    retry earns only what it gains over it, max(0, r(retry) - r(attempt)), so a repeat, a change for the
+    worse and a change that fails the same way earn 0. Clamped, this is not SCoRe's r2 - r1 shift, which
+    group normalisation would cancel: every retry of a group follows the same attempt. Both are ours."""
     if repeated and not verdict.correct and repeat_reward is not None:
         return repeat_reward
+    if attempt is not None:
+        return max(0.0, reward(verdict, kind) - reward(attempt, kind))
     return reward(verdict, kind)
 
 
@@ -292,6 +297,7 @@ def summarize(step_stats: dict) -> dict:
             "tokens_per_s": sum(step_stats["tokens"]) / max(max(step_stats["sample_s"]), 1e-9),
             "step_s": max(step_stats["step_s"]), "reflection_len": mean(step_stats["reflection_len"]),
             **({"repeat_frac": mean(step_stats["repeat"])} if step_stats.get("repeat") else {}),
+            **({"attempt_solved": mean(step_stats["attempt_solved"])} if step_stats.get("attempt_solved") else {}),
             **({"phase": step_stats["phase"][0]} if step_stats.get("phase") else {})}
 
 

@@ -51,7 +51,7 @@ QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, 
 EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "reward": "partial", "lr": 2e-4,
                       "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12,
                       "micro_batch": 16}  # micro_batch: an R3 step (4 x 4) in one pass; the same gradient
-R3_ONLY = {"warmup_steps", "refresh_failures", "repeat_reward"}
+R3_ONLY = {"warmup_steps", "refresh_failures", "repeat_reward", "retry_reward", "train_attempts"}
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
 
@@ -96,6 +96,13 @@ def parse_args(argv=None):
     p.add_argument("--repeat-reward", type=float, default=None, metavar="R", help="r3: a failed retry whose answer "
                    "repeats the failed attempt's (the same, or an equivalent form) earns R instead of the verifier's "
                    "credit (default: none, the verifier's reward, as the paper; docs/self_correction.md)")
+    p.add_argument("--retry-reward", default="verifier", choices=["verifier", "progress"], help="r3: what a retry "
+                   "earns. verifier: its verdict's reward (the paper); progress: only its gain over the failed "
+                   "attempt, max(0, r(retry) - r(attempt)), so a repeat or a change that fails as badly earns 0 "
+                   "(ours; docs/self_correction.md)")
+    p.add_argument("--train-attempts", action="store_true", help="r3: each R3 step also samples G first attempts of "
+                   "its queries and adds plain GRPO on them to the same update, so the first try is trained, not only "
+                   "the reflection that shares its LoRA (ours; docs/self_correction.md)")
     p.add_argument("--init-adapter", default=None, metavar="DIR", help="start from a saved LoRA adapter (a run "
                    "directory or an adapter directory; its LoRA shape is used); the KL reference stays the base model")
     p.add_argument("--warmup-steps", type=int, default=None, help="r3: plain GRPO steps on first attempts (reward "
@@ -229,6 +236,9 @@ def validate(args):
     if a.method != "r3" and a.repeat_reward is not None:
         raise cli.UsageError(f"--repeat-reward is R3's (a retry that repeats the failed attempt); --method "
                              f"{a.method} has no retry")
+    if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts):
+        raise cli.UsageError(f"--retry-reward and --train-attempts are R3's (its retry and its step); --method "
+                             f"{a.method} has neither")
     if a.method == "r3" and a.warmup_steps >= a.steps:
         raise cli.UsageError(f"{said(a, 'warmup_steps')} leaves no R3 step of {said(a, 'steps')}; give fewer "
                              "--warmup-steps or more --steps")
@@ -318,8 +328,12 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
     verdicts = [t.verdict for ep in episodes for t in ep.retries]
     repeats = [verifiers.same_answer(args.task, t.text, q["attempt"]) for ep, q in zip(episodes, queries)
                for t in ep.retries]
+    # --retry-reward progress: each retry is paid against its own failed attempt's verdict
+    before = [tasks.verify(args.task, q["attempt"], ex) for q, ex in zip(queries, examples)
+              for _ in range(args.group_size)] if args.retry_reward == "progress" else None
     return reflections, verdicts, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
-                                  "reflection_len": [len(r.ids) for r in reflections], "repeat": repeats}
+                                  "reflection_len": [len(r.ids) for r in reflections], "repeat": repeats,
+                                  "attempt_verdicts": before}
 
 
 def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
@@ -328,7 +342,7 @@ def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
     turns = rollout.attempt(model, tok, args.task, examples, Gen(args.max_new_tokens, args.temperature,
                                                                  seed=seeds), n=args.group_size)
     return turns, [t.verdict for t in turns], {"tokens": sum(len(t.ids) for t in turns), "reflection_len": [],
-                                               "repeat": []}
+                                               "repeat": [], "attempt_verdicts": None}
 
 
 def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, reward_kind: str):
@@ -336,11 +350,12 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     t0 = time.perf_counter()
     make = r3_samples if method == "r3" else grpo_samples
     turns, verdicts, info = make(model, tok, args, queries, seeds)
-    t_sample = time.perf_counter() - t0
-    # R3: the retry's verdict, or --repeat-reward for a retry that repeats the failed attempt
+    # R3: the retry's verdict; --repeat-reward for a retry that repeats the failed attempt; --retry-reward
+    # progress: only the retry's gain over that attempt
     repeat_reward = args.repeat_reward if method == "r3" else None
-    rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward)
-                            for v, rep in zip(verdicts, info["repeat"] or [False] * len(verdicts))])
+    before = info["attempt_verdicts"] or [None] * len(verdicts)
+    rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b)
+                            for v, rep, b in zip(verdicts, info["repeat"] or [False] * len(verdicts), before)])
     G = args.group_size
     advantages = rl.group_advantages(rewards, G)
     signal = rl.has_signal(rewards, G)
@@ -348,11 +363,22 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     # it counts in the normaliser, as in TRL. --skip-flat-groups leaves it out (no backward pass).
     samples = [rl.Sample(t.prompt_ids, t.ids, a.item()) for i, (t, a) in enumerate(zip(turns, advantages))
                if signal[i // G] or not args.skip_flat_groups]
+    extra = {}
+    if method == "r3" and args.train_attempts:  # plain GRPO on the same queries' first attempts, same update
+        tries, tried, tried_info = grpo_samples(model, tok, args, queries, [mix_seed(s, 2) for s in seeds])
+        tries_rewards = torch.tensor([loop.reward(v, reward_kind) for v in tried])
+        tries_signal = rl.has_signal(tries_rewards, G)
+        samples += [rl.Sample(t.prompt_ids, t.ids, a.item())
+                    for i, (t, a) in enumerate(zip(tries, rl.group_advantages(tries_rewards, G)))
+                    if tries_signal[i // G] or not args.skip_flat_groups]
+        info["tokens"] += tried_info["tokens"]
+        extra = {"attempt_solved": [float(v.correct) for v in tried]}
+    t_sample = time.perf_counter() - t0
     stats = rl.update(model, optimizer, samples, cfg, tok.pad_token_id)
     solved = torch.tensor([float(v.correct) for v in verdicts])
     return {"reward": rewards.tolist(), "solved": solved.tolist(), "pass_any": solved.view(-1, G).max(1).values.tolist(),
             "signal": signal.tolist(), "tokens": [info["tokens"]], "reflection_len": info["reflection_len"],
-            "repeat": [float(r) for r in info["repeat"]],
+            "repeat": [float(r) for r in info["repeat"]], **extra,
             "sample_s": [t_sample], "step_s": [time.perf_counter() - t0], **loop.update_stats(stats)}
 
 
@@ -394,7 +420,7 @@ def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "repeat_reward", "skip_flat_groups", "warmup_steps",
+    keys += {"r3": ["kl_beta", "reflect_tokens", "retry_reward", "repeat_reward", "train_attempts", "skip_flat_groups", "warmup_steps",
                     "warmup_reward", "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]

@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# Second tries that fix first tries: R3 with --repeat-reward, R3 as the paper, and plain GRPO at equal compute
-# on the embedded model (docs/self_correction.md; table in docs/r3_vs_grpo.md).
+# Second tries that fix first tries: R3 with a retry reward that values change and a trained first try, R3 as
+# the paper, and plain GRPO at equal compute on the embedded model (docs/self_correction.md; table in
+# docs/r3_vs_grpo.md).
 #  1. start: one shared starting adapter, 10 GRPO steps with partial credit (the main command's warm-up).
-#  2. From it, for each seed, until BUDGET sampled tokens each (R3's failure sets counted):
-#       r3-repeat0  R3, partial credit, a retry that repeats the failed answer earns 0 (--repeat-reward 0)
-#       r3          R3, partial credit, the verifier's reward on the retry (the run before this change)
-#       grpo        plain GRPO on first attempts, partial credit
+#  2. From it, for each seed and each arm of ARMS, until BUDGET sampled tokens each (R3's failure sets and
+#     --train-attempts' first attempts counted):
+#       r3-anchor-progress  R3 --retry-reward progress --train-attempts: a retry earns only its gain over the
+#                           failed attempt; GRPO on the same queries' first attempts in the same update
+#       r3-anchor-repeat0   R3 --repeat-reward 0 --train-attempts: a retry that repeats the failed answer earns 0
+#       r3-repeat0          R3 --repeat-reward 0 (the 2026-12-01 arm)
+#       r3                  R3, partial credit, the verifier's reward on the retry (the paper's retry reward)
+#       grpo                plain GRPO on first attempts, partial credit
 #     EXTRA=1 adds SCoRe (through Stage II) and Re-ReST (one round) from the same adapter, one seed.
 #  3. eval.py, greedy, two tries, on the same N held-out problems: base, start, every run.
 #  4. examples/report.py: the table with bootstrap intervals (docs/r3_vs_grpo.md) and the curves (.png).
 # JOBS runs go at once, each on CPUS/JOBS threads (2 single-threaded runs beat one run on 2 threads on a
 # 2-core CPU: docs/self_correction.md). A rerun skips finished runs and evals and resumes a killed one.
-# 2 h 16 min on a 2-core Xeon for all its runs but one (docs/self_correction.md):
+# Wall time on a 2-core Xeon: docs/self_correction.md.
 #   bash examples/r3_vs_grpo.sh
-#   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 bash examples/r3_vs_grpo.sh
+#   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 ARMS="r3-anchor-progress grpo" bash examples/r3_vs_grpo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/r3-vs-grpo}; EVALS=${EVALS:-evals/r3-vs-grpo}; REPORT=${REPORT:-docs/r3_vs_grpo}
-SEEDS=${SEEDS:-"1 2 3"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}
+SEEDS=${SEEDS:-"1 2 3"}; ARMS=${ARMS:-"r3-anchor-progress r3-anchor-repeat0 r3 grpo"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}
 CPUS=${CPUS:-$(nproc)}; THREADS=$(( CPUS / JOBS > 0 ? CPUS / JOBS : 1 ))
 export OUT EVALS BUDGET N OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export COMMON="--task countdown --source easy --reward partial --batch-size 4 --group-size 4 --train-size 64
@@ -43,12 +48,23 @@ parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }  # each stdin line a 
 
 train "$OUT/start" --method grpo --steps 10 --seed 0
 R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 --steps 1000 --token-budget $BUDGET"
+flags() {  # flags ARM: the arm's training flags
+    case $1 in
+        r3-anchor-progress) echo "$R3 --retry-reward progress --train-attempts" ;;
+        r3-anchor-repeat0)  echo "$R3 --repeat-reward 0 --train-attempts" ;;
+        r3-repeat0)         echo "$R3 --repeat-reward 0" ;;
+        r3)                 echo "$R3" ;;
+        grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
+        *) echo "examples/r3_vs_grpo.sh: unknown arm '$1' in ARMS" >&2; exit 2 ;;
+    esac
+}
+for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now, not after an hour
 # One queue, seed by seed (a run is evaluated as soon as it is trained), so a stopped script leaves whole
 # seeds behind; rerun it to continue.
 {   for s in $SEEDS; do
-        echo "train $OUT/r3-repeat0-s$s $R3 --repeat-reward 0 --seed $s && evaluate --adapter $OUT/r3-repeat0-s$s"
-        echo "train $OUT/r3-s$s $R3 --seed $s && evaluate --adapter $OUT/r3-s$s"
-        echo "train $OUT/grpo-s$s --method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET --seed $s && evaluate --adapter $OUT/grpo-s$s"
+        for arm in $ARMS; do
+            echo "train $OUT/$arm-s$s $(flags "$arm") --seed $s && evaluate --adapter $OUT/$arm-s$s"
+        done
         if [ "$s" = "${SEEDS%% *}" ]; then echo "evaluate"; echo "evaluate --adapter $OUT/start"; fi
     done
     if [ "$EXTRA" = 1 ]; then
@@ -56,5 +72,5 @@ R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 
         echo "train $OUT/rerest --method rerest --init-adapter $OUT/start --train-size 32 --k 4 --sft-epochs 3 --seed 1 && evaluate --adapter $OUT/rerest"
     fi
 } | parallel
-python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-repeat0,r3,grpo,score,rerest" \
-    --compare "r3-repeat0,grpo;r3-repeat0,r3;r3,grpo"
+python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-repeat0,r3,grpo,score,rerest" \
+    --compare "${COMPARE:-r3-anchor-progress,grpo;r3-anchor-repeat0,grpo;r3-anchor-progress,r3;r3-anchor-repeat0,r3;r3,grpo}"
