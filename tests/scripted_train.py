@@ -14,8 +14,12 @@ from verifiers import Verdict  # noqa: E402
 
 
 def scripted_verify(task, text, example):
-    ok = zlib.crc32(text.encode()) % 2 == 0
-    return Verdict(ok, None if ok else "scripted", "scripted verdict")
+    """R3_SCRIPTED_PARTIAL=1: half the failures are missed_target (partial credit 0.5), so rewards that
+    compare a retry with its attempt (--retry-reward progress) differ from the verifier's."""
+    crc = zlib.crc32(text.encode())
+    ok = crc % 2 == 0
+    partial = os.environ.get("R3_SCRIPTED_PARTIAL") == "1" and crc % 4 == 1
+    return Verdict(ok, None if ok else "missed_target" if partial else "scripted", "scripted verdict")
 
 
 def scripted_same_answer(task, retry, attempt):

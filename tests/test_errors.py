@@ -88,6 +88,7 @@ def steps(run_dir) -> list[int]:
     (["--repeat-reward", "0"], "--repeat-reward is R3's"), (["--method", "r3", "--repeat-reward", "2"], "at most 1"),
     (["--method", "r3", "--repeat-reward", "inf"], "--repeat-reward must be a finite"),
     (["--method", "r3", "--repeat-reward", "nan"], "--repeat-reward must be a finite"),
+    (["--retry-reward", "progress"], "--train-attempts are R3's"), (["--train-attempts"], "--train-attempts are R3's"),
     (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
 ])
 def test_train_flags(flags, message, finished_run, tiny_model_dir, tmp_path, capsys):

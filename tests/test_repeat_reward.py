@@ -92,3 +92,36 @@ def test_a_pass_is_never_a_repeat_penalty():
     # a retry that passes earns 1 even if it were flagged as a repeat (e.g. the attempt was judged wrong
     # for another reason): the penalty is for failing the same way again
     assert loop.retry_reward(Verdict(True), True, "partial", -1.0) == 1.0
+
+
+# --retry-reward progress: (attempt, retry, --reward) -> max(0, r(retry) - r(attempt)). The attempt failed.
+PROGRESS = [
+    ("<answer> 2 + 3 </answer>", "<answer> 2 + 3 </answer>", "partial", 0.0),       # a repeat: no gain
+    ("<answer> 2 + 3 </answer>", "<answer> 3 + 2 </answer>", "partial", 0.0),       # an equivalent rewrite
+    ("<answer> 2 + 3 </answer>", "<answer> 2 * 3 </answer>", "partial", 0.0),       # changed, fails the same way
+    ("<answer> 2 + 3 </answer>", "<answer> 2 * 3 + 3 </answer>", "partial", 0.25),  # wrong_numbers -> missed_target
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 2 + 3 </answer>", "partial", 0.0),   # missed_target -> wrong_numbers
+    ("<answer> 2 * 3 * 3 </answer>", "no tag", "partial", 0.0),                     # a format error: worse, 0
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 + 3 + 2 </answer>", "partial", 0.5),  # a fix: 1 - 0.5
+    ("no tag", "<answer> 3 + 3 + 2 </answer>", "partial", 1.0),                     # a fix after a format error
+    ("no tag", "<answer> 2 * 3 * 3 </answer>", "partial", 0.5),
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 + 3 + 2 </answer>", "binary", 1.0),  # binary: the verifier's
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 2 * 3 * 3 </answer>", "binary", 0.0),
+    ("<answer> 2 + (3 </answer>", "<answer> 3 * 3 - 2 </answer>", "partial", 0.4),  # invalid_equation -> missed_target
+]
+
+
+@pytest.mark.parametrize("attempt, retry, kind, want", PROGRESS)
+def test_progress_reward_table(attempt, retry, kind, want):
+    before = tasks.verify("countdown", attempt, EX)
+    assert not before.correct
+    got = loop.retry_reward(tasks.verify("countdown", retry, EX), verifiers.same_answer("countdown", retry, attempt),
+                            kind, None, before)
+    assert got == pytest.approx(want)
+
+
+def test_progress_with_a_repeat_penalty_pays_the_penalty_for_a_repeat():
+    before = tasks.verify("countdown", "<answer> 2 * 3 * 3 </answer>", EX)
+    repeat = tasks.verify("countdown", "<answer> 3 * 2 * 3 </answer>", EX)
+    assert loop.retry_reward(repeat, True, "partial", -0.5, before) == -0.5
+    assert loop.retry_reward(Verdict(True), True, "partial", -0.5, before) == 0.5  # a pass is progress, not a repeat

@@ -55,17 +55,21 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
 
 
 @pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2"],
-                                    ["--reward", "partial", "--repeat-reward", "-0.5"]],
-                         ids=["r3", "phases", "repeat-reward"])
+                                    ["--reward", "partial", "--repeat-reward", "-0.5"],
+                                    ["--reward", "partial", "--retry-reward", "progress", "--train-attempts"]],
+                         ids=["r3", "phases", "repeat-reward", "progress-train-attempts"])
 def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases):
     """Killed after a checkpoint at step 3-5 and resumed: the uninterrupted run's steps, rewards, failure
     sets and weights. With phases: GRPO warm-up steps 1-2, then R3 on a failure set built after step 2
     and rebuilt after step 4, so the kill lands between a set's build and its rebuild. With
-    --repeat-reward: retries that repeat their attempt (scripted: a third) earn -0.5, before and after."""
+    --repeat-reward: retries that repeat their attempt (scripted: a third) earn -0.5, before and after.
+    --retry-reward progress --train-attempts: retries earn their gain over the attempt (scripted: some
+    failures earn partial credit), and first attempts are sampled and trained in the same steps."""
     steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0", *phases]
     # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
     # uninterrupted runs were seen to drift apart by rounding within a few steps at this learning rate.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "R3_SCRIPTED_PARTIAL": "1" if "progress" in phases else "0"}
     straight = tmp_path / "straight"
     subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, straight, *steps)], check=True,
                    capture_output=True, timeout=300, env=env)
@@ -99,8 +103,13 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
         assert last[step]["reward"] == ref[step]["reward"], step
         assert last[step].get("phase") == ref[step].get("phase"), step
         assert last[step].get("repeat_frac") == ref[step].get("repeat_frac"), step
+        assert last[step].get("attempt_solved") == ref[step].get("attempt_solved"), step
     if "--repeat-reward" in phases:  # the penalty was paid: without it a step's reward is its pass rate
         assert any(ref[s]["repeat_frac"] > 0 and ref[s]["reward"] < ref[s]["solved"] for s in ref)
+    if "progress" in phases:  # a pass after a missed_target attempt earns 0.5: some step's reward is below its pass rate
+        assert any(ref[s]["reward"] < ref[s]["solved"] for s in ref)
+        assert all("attempt_solved" in ref[s] for s in ref) and any(ref[s]["attempt_solved"] > 0 for s in ref)
+        assert all(ref[s + 1]["tokens_total"] - ref[s]["tokens_total"] > 0 for s in range(1, 6))
     if "--warmup-steps" in phases:
         assert [ref[s]["phase"] for s in range(1, 7)] == ["warmup"] * 2 + ["r3"] * 4
         sets = sorted(p.name for p in straight.glob("failures*.jsonl"))
@@ -168,7 +177,8 @@ def test_torchrun_two_ranks_train_the_same_model_as_one_process(tiny_model_dir, 
     """2 gloo ranks and one process, the same global batch: the same rewards at every step and the same
     adapter at the end. The trainer itself checks after every step that the ranks' adapters agree
     (loop.train_loop raises otherwise), so finishing also shows that."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "R3_SCRIPTED_PARTIAL": "1" if "progress" in phases else "0"}
     flags = ["--method", method, "--steps", "3", "--eval-every", "3", "--save-every", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_script(small_args(tiny_model_dir, one, *flags), env)
@@ -285,3 +295,36 @@ def test_token_budget_ends_the_run_at_the_step_that_reaches_it(tiny_model_dir, t
     assert rundir.latest_checkpoint(run).name == f"ckpt-{len(lines):06d}"  # the last step is saved
     train_r3.main(argv + ["--resume"])  # a finished budget trains no further
     assert read_metrics(run) == lines
+
+
+@pytest.mark.parametrize("train_attempts", [False, True])
+def test_train_attempts_adds_grpo_on_first_attempts_to_the_same_update(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       train_attempts):
+    """--train-attempts: an R3 step's one update holds its G reflections per query and G freshly sampled
+    first attempts of the same queries (their prompts are the first-attempt prompts); their tokens count."""
+    import rl
+    import rollout
+    import model as model_lib
+    flags = ["--reward", "partial"] + (["--train-attempts"] if train_attempts else [])
+    args = train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "run", *flags))
+    model, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+    examples = tasks.load_examples("countdown", "train", n=2, seed=0)
+    queries = [{"example": ex, "attempt": "<answer> 1 + 1 </answer>"} for ex in examples]
+    updated = []
+    monkeypatch.setattr(rl, "update", lambda model, opt, samples, cfg, pad: updated.extend(samples) or
+                        {"loss": 0.0, "kl_sum": 0.0, "kl_tokens": 0, "grad_norm": 0.0})
+    monkeypatch.setattr(tasks, "verify", scripted_verify)
+    cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, 1, args.micro_batch, 0)
+    stats = train_r3.train_step(model, tok, None, args, cfg, queries, [5, 6], "r3", "partial")
+    first_prompts = {tuple(rollout.chat_ids(tok, tasks.first_attempt_messages("countdown", ex))) for ex in examples}
+    on_attempts = [s for s in updated if tuple(s.prompt_ids) in first_prompts]
+    G = args.group_size
+    assert len(updated) == 2 * G * (2 if train_attempts else 1)
+    assert len(on_attempts) == (2 * G if train_attempts else 0)
+    assert ("attempt_solved" in stats) == train_attempts
+    reflections_tokens = sum(len(s.completion_ids) for s in updated if s not in on_attempts)
+    assert stats["tokens"][0] >= reflections_tokens + sum(len(s.completion_ids) for s in on_attempts)
+    if train_attempts:  # the attempts' advantages are GRPO's, normalised within each query's group
+        for k in range(2):
+            group = [s.advantage for s in on_attempts[k * G:(k + 1) * G]]
+            assert abs(sum(group)) < 1e-5
