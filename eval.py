@@ -116,7 +116,7 @@ def config_hash(config: dict) -> str:
 # The code that decides an example's result: its prompts, its verifier, the sampler and these two tries.
 # Their bytes go into the results file's name, so a fork that edits a prompt never reads stale results.
 RESULT_CODE = ("tasks.py", "verifiers.py", "math_equiv.py", "tool_calls.py", "sandbox.py", "rollout.py",
-               "sample.py", "eval.py")
+               "sample.py", "decode.py", "eval.py")
 
 
 def files_hash(paths) -> str:

@@ -193,7 +193,7 @@ def parse(argv=None):
     p.add_argument("--reuse", default="both", choices=["both", "on", "off"],
                    help="KV reuse in the rollouts: both = off, then on, each in its own process")
     p.add_argument("--decode", default="step", choices=["step", "hf"],
-                   help="decode steps by sample.decode_step, or by transformers' forward (sample.FAST_DECODE off)")
+                   help="decode steps by decode.decode_step, or by transformers' forward (decode.FAST_DECODE off)")
     p.add_argument("--before", default=BEFORE, help="--reuse both: the git revision timed as 'before' (none: skip)")
     p.add_argument("--queries", default=None, help="(internal) a file sharing the failed queries between runs")
     p.add_argument("--result", default=None, help="(internal) write the result as JSON to this file")
@@ -282,6 +282,7 @@ def main(argv=None):
     own, train_argv = parse(argv)
     if own.reuse == "both":
         return compare(own, train_argv)
+    import decode
     import loop
     import rl
     import rollout
@@ -304,7 +305,7 @@ def main(argv=None):
     args = train_r3.parse_args(argv)
 
     sample.REUSE = own.reuse == "on"
-    sample.FAST_DECODE = own.decode == "step"
+    decode.FAST_DECODE = own.decode == "step"
     if own.queries:  # the same failed queries in both runs: the second samples (and times) its own, then takes the first's
         sample_failures = train_r3.failure_dataset
 

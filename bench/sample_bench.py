@@ -8,9 +8,9 @@ decode: the embedded model with a LoRA (r 16, all linear layers, random non-zero
 Countdown first-attempt prompts (~316 tokens) x n = 4, temperature 1, seeded, 32 new tokens (stops
 ignored). "before" is sample.py as of --before (a git revision; its generate); "now" is this tree's, on
 the same model. Decode time = the 33-token run less the 1-token run (the prefill). The matmul limit:
-the matmuls sample.decode_step does (LoRA merged, q/k/v and gate/up fused, and the output head) run
+the matmuls decode.decode_step does (LoRA merged, q/k/v and gate/up fused, and the output head) run
 back to back at the same row count, nothing else, MKL-packed (as decode_step runs them up to
-sample.PACK_MAX_ROWS rows) and plain x @ W.T in brackets; "weights read once": a sum over each of
+decode.PACK_MAX_ROWS rows) and plain x @ W.T in brackets; "weights read once": a sum over each of
 those weights, the memory floor of any fp32 decode step at any batch size.
 Prints "decode speed-up vs before: X.XX×" (batch 16).
 
@@ -145,18 +145,18 @@ def decode_time(sampler, model, tok, prompts, n, new=32, repeats=2):
 
 def matmul_limit(model, rows: int, repeats: int = 3) -> dict:
     """Seconds for one pass of the matmuls a decode step cannot skip, at `rows` rows, run back to back on
-    inputs made beforehand: the weights sample.decode_step multiplies (LoRA merged, q/k/v and gate/up
+    inputs made beforehand: the weights decode.decode_step multiplies (LoRA merged, q/k/v and gate/up
     fused, the output head), "packed" as decode_step runs them on this machine and "plain" (x @ W.T on
     the weights as stored); and "read": reading each weight once (a sum), the memory floor of any
     decode step that keeps them in fp32."""
-    import sample
+    import decode
     out = {}
     with torch.inference_mode():
-        for label, pack in (("plain", False), ("packed", sample.PACK_WEIGHTS)):
-            was = sample.PACK_WEIGHTS, sample.PACK_MAX_ROWS
-            sample.PACK_WEIGHTS, sample.PACK_MAX_ROWS = pack, rows
-            dec = sample.decoder(model, rows)
-            sample.PACK_WEIGHTS, sample.PACK_MAX_ROWS = was
+        for label, pack in (("plain", False), ("packed", decode.PACK_WEIGHTS)):
+            was = decode.PACK_WEIGHTS, decode.PACK_MAX_ROWS
+            decode.PACK_WEIGHTS, decode.PACK_MAX_ROWS = pack, rows
+            dec = decode.decoder(model, rows)
+            decode.PACK_WEIGHTS, decode.PACK_MAX_ROWS = was
             mats = [m for layer in dec.layers for m in (layer.qkv, layer.o, layer.gate_up, layer.down)] + [dec.head]
             inputs = {m.weight.shape[1]: torch.randn(rows, m.weight.shape[1]) for m in mats}
             for _ in range(repeats + 1):  # the first pass warms up

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import decode
 import rollout
 import sample
 import tasks
@@ -76,11 +77,11 @@ def test_a_row_that_does_not_extend_its_cache_continues_where_they_agree(tiny, p
 def test_rollout_rows_follow_their_own_seeds(tiny, monkeypatch):
     """Conversation k gets gen.seed[k] (an int s: s + k); reflect_and_retry derives its seeds per
     attempt; the same rows sampled in another batch or chunking give the same tokens.
-    On transformers' forward, whose rows are bit-for-bit the same in any batch: sample.decode_step
+    On transformers' forward, whose rows are bit-for-bit the same in any batch: decode.decode_step
     attends to the batch's common prefix apart, so a row's logits depend on its batch at the level of
     float rounding, and the tiny random model's near-uniform distribution turns that into other draws
     (tests/test_sample.py checks decode_step's rows against transformers' within rounding)."""
-    monkeypatch.setattr(sample, "FAST_DECODE", False)
+    monkeypatch.setattr(decode, "FAST_DECODE", False)
     m, tok = tiny
     examples = tasks.load_examples("countdown", "test", n=4)
     convs = [tasks.first_attempt_messages("countdown", ex) for ex in examples]

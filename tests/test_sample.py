@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import model as model_lib
+import decode
 import sample
 from sample import generate
 
@@ -14,8 +15,8 @@ TEXTS = ["Hello, my name is", "The capital of France is a city that has many", "
 
 @pytest.fixture(params=[True, False], ids=["decode_step", "hf-forward"])
 def fast_decode(request, monkeypatch):
-    """Both decode paths: sample.decode_step, and transformers' forward (sample.FAST_DECODE = False)."""
-    monkeypatch.setattr(sample, "FAST_DECODE", request.param)
+    """Both decode paths: decode.decode_step, and transformers' forward (decode.FAST_DECODE = False)."""
+    monkeypatch.setattr(decode, "FAST_DECODE", request.param)
     return request.param
 
 
@@ -60,19 +61,19 @@ def test_greedy_matches_hf_generate_embedded(smol, fast_decode):
 @contextlib.contextmanager
 def rows_per_forward(m, monkeypatch):
     """The rows fed at each forward, in order: transformers' forward (the prefills, and the decode steps
-    where sample.decode_step is off) and decode_step's."""
-    sizes, decode_step = [], sample.decode_step
+    where decode.decode_step is off) and decode_step's."""
+    sizes, decode_step = [], decode.decode_step
 
     def counted(dec, tokens, *args):
         sizes.append(len(tokens))
         return decode_step(dec, tokens, *args)
-    monkeypatch.setattr(sample, "decode_step", counted)
+    monkeypatch.setattr(decode, "decode_step", counted)
     hook = m.register_forward_pre_hook(lambda mod, args, kw: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
     try:
         yield sizes
     finally:
         hook.remove()
-        monkeypatch.setattr(sample, "decode_step", decode_step)
+        monkeypatch.setattr(decode, "decode_step", decode_step)
 
 
 def test_prefill_shared_and_finished_rows_dropped(tiny, fast_decode, monkeypatch):
@@ -355,7 +356,7 @@ def test_prompts_per_call_fits_the_kv_budget(tiny, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------- decode_step
-# sample.decode_step decodes without transformers' forward: LoRA merged, q/k/v and gate/up fused, the
+# decode.decode_step decodes without transformers' forward: LoRA merged, q/k/v and gate/up fused, the
 # batch's common prefix attended once for all rows. Its logits and cache writes must be transformers'.
 
 def lora_tiny(tiny_model_dir, seed=0):
@@ -389,7 +390,7 @@ def test_decode_step_equals_transformers_forward(kind, pack, tiny, tiny_model_di
     decode steps by decode_step and by transformers' forward (on copies of one prefilled cache) give the
     same logits and write the same keys and values."""
     import copy
-    monkeypatch.setattr(sample, "PACK_WEIGHTS", pack and sample.PACK_WEIGHTS)
+    monkeypatch.setattr(decode, "PACK_WEIGHTS", pack and decode.PACK_WEIGHTS)
     m, tok = tiny
     if "lora" in kind:
         m, _ = lora_tiny(tiny_model_dir)
@@ -400,15 +401,15 @@ def test_decode_step_equals_transformers_forward(kind, pack, tiny, tiny_model_di
         turn2, pasts = two_turns(m, tok, [], 6)
         cache, mask, logits = sample.prefill(m, turn2, pasts, tok.pad_token_id, 8)
         assert cache.shared >= len(tok(PREFIX)["input_ids"]) - 1  # the rows' common prefix is shared
-        dec = sample.decoder(m, len(turn2))
-        assert dec is not None and (dec.head.packed is not None) == sample.PACK_WEIGHTS
+        dec = decode.decoder(m, len(turn2))
+        assert dec is not None and (dec.head.packed is not None) == decode.PACK_WEIGHTS
         theirs = copy.deepcopy(cache)
         pos = mask.sum(1, keepdim=True) - 1
         tokens = logits.argmax(-1)
         for step in range(3):
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], 1)
             pos = pos + 1
-            ours_logits = sample.decode_step(dec, tokens, pos, cache, mask)
+            ours_logits = decode.decode_step(dec, tokens, pos, cache, mask)
             hf_logits = m(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos, cache=theirs,
                           use_cache=True).logits[:, -1]
             torch.testing.assert_close(ours_logits, hf_logits, rtol=1e-4, atol=1e-4)
@@ -425,11 +426,11 @@ def test_decoder_declines_what_it_does_not_know(tiny, tiny_model_dir, monkeypatc
     """decode_step runs Llama and Qwen2 in float32 with plain or LoRA linears; anything else (4-bit layers,
     bf16, the switch off) decodes by transformers' forward."""
     m, tok = tiny
-    assert sample.decoder(m, 4) is not None
-    monkeypatch.setattr(sample, "FAST_DECODE", False)
-    assert sample.decoder(m, 4) is None
-    monkeypatch.setattr(sample, "FAST_DECODE", True)
+    assert decode.decoder(m, 4) is not None
+    monkeypatch.setattr(decode, "FAST_DECODE", False)
+    assert decode.decoder(m, 4) is None
+    monkeypatch.setattr(decode, "FAST_DECODE", True)
     q4, _ = model_lib.load_model(str(tiny_model_dir), lora_r=4, load_in_4bit=True, device="cpu")
-    assert sample.decoder(q4, 4) is None
+    assert decode.decoder(q4, 4) is None
     bf16, _ = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu", dtype=torch.bfloat16)
-    assert sample.decoder(bf16, 4) is None  # merged into bf16 weights, the LoRA update would be rounded away
+    assert decode.decoder(bf16, 4) is None  # merged into bf16 weights, the LoRA update would be rounded away
