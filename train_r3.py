@@ -50,10 +50,18 @@ QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, 
 # Its warm-up is a third of --steps (10 of 30).
 EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "reward": "partial", "lr": 2e-4,
                       "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12,
-                      "micro_batch": 16}  # micro_batch: an R3 step (4 x 4) in one pass; the same gradient
+                      "micro_batch": 16,  # micro_batch: an R3 step (4 x 4) in one pass; the same gradient
+                      # R3 only: a repeated answer earns 0, and the first try trains beside the reflection
+                      # (the 2026-12-02 experiment, docs/self_correction.md)
+                      "repeat_reward": 0.0, "train_attempts": True}
 R3_ONLY = {"warmup_steps", "refresh_failures", "repeat_reward", "retry_reward", "train_attempts"}
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
+
+
+def optional_float(text: str) -> float | None:
+    """A number, or "none" (unset: a recipe's value can be turned off from the command line)."""
+    return None if text.strip().lower() == "none" else float(text)
 
 
 def parse_args(argv=None):
@@ -93,16 +101,18 @@ def parse_args(argv=None):
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--reward", default="binary", choices=["binary", "partial"],
                    help=f"binary: 1 if the verifier passes (the paper); partial: also {PARTIAL_CREDIT}")
-    p.add_argument("--repeat-reward", type=float, default=None, metavar="R", help="r3: a failed retry whose answer "
-                   "repeats the failed attempt's (the same, or an equivalent form) earns R instead of the verifier's "
-                   "credit (default: none, the verifier's reward, as the paper; docs/self_correction.md)")
+    p.add_argument("--repeat-reward", type=optional_float, default=None, metavar="R", help="r3: a failed retry whose "
+                   "answer repeats the failed attempt's (the same, or an equivalent form) earns R instead of the "
+                   "verifier's credit (default none: the verifier's reward, as the paper; embedded model on countdown: "
+                   "0; docs/self_correction.md)")
     p.add_argument("--retry-reward", default="verifier", choices=["verifier", "progress"], help="r3: what a retry "
                    "earns. verifier: its verdict's reward (the paper); progress: only its gain over the failed "
                    "attempt, max(0, r(retry) - r(attempt)), so a repeat or a change that fails as badly earns 0 "
                    "(ours; docs/self_correction.md)")
-    p.add_argument("--train-attempts", action="store_true", help="r3: each R3 step also samples G first attempts of "
-                   "its queries and adds plain GRPO on them to the same update, so the first try is trained, not only "
-                   "the reflection that shares its LoRA (ours; docs/self_correction.md)")
+    p.add_argument("--train-attempts", action=argparse.BooleanOptionalAction, default=False, help="r3: each R3 step "
+                   "also samples G first attempts of its queries and adds plain GRPO on them to the same update, so the "
+                   "first try is trained, not only the reflection that shares its LoRA (ours, default off; embedded model "
+                   "on countdown: on; docs/self_correction.md)")
     p.add_argument("--init-adapter", default=None, metavar="DIR", help="start from a saved LoRA adapter (a run "
                    "directory or an adapter directory; its LoRA shape is used); the KL reference stays the base model")
     p.add_argument("--warmup-steps", type=int, default=None, help="r3: plain GRPO steps on first attempts (reward "
@@ -180,11 +190,13 @@ def parse_args(argv=None):
     return args
 
 
-RECIPE = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_COUNTDOWN.items())
+RECIPE = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_COUNTDOWN.items() if k not in R3_ONLY)
 LIMITS = textwrap.fill(f"the embedded model on countdown (--method r3 or grpo) has its own defaults for the flags "
                        f"you do not give, a recipe in which R3 gets signal on a CPU (docs/deviations.md): {RECIPE}; "
-                       "for r3 also "
-                       "--warmup-steps a third of --steps. Any other --model keeps the defaults above.", 100,
+                       f"for r3 also --warmup-steps a third of --steps, --refresh-failures {EMBEDDED_COUNTDOWN['refresh_failures']}, "
+                       "--repeat-reward 0 and --train-attempts "
+                       "(the paper's R3 step: --repeat-reward none --no-train-attempts). Any other --model keeps the "
+                       "defaults above.", 100,
                        break_on_hyphens=False) + f"""
 
 limits (checked before anything loads; a broken one is one error line, exit code 2):

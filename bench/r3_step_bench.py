@@ -300,8 +300,11 @@ def main(argv=None):
         train_argv = ["--model", str(model_dir)] + train_argv
     if own.load_in_4bit:
         train_argv = ["--4bit"] + train_argv
-    argv = ["--method", "r3", "--warmup-steps", "0"] + train_argv + ["--steps", str(own.warmup + own.steps), "--eval-every", "0",
-                                              "--save-every", str(10**9), "--out-dir", os.path.join(work, "run")]
+    # The paper's R3 step, as --before ran it (not the embedded recipe's --repeat-reward 0 --train-attempts);
+    # flags after `--` win.
+    argv = ["--method", "r3", "--warmup-steps", "0", "--repeat-reward", "none", "--no-train-attempts"] + train_argv \
+        + ["--steps", str(own.warmup + own.steps), "--eval-every", "0", "--save-every", str(10**9),
+           "--out-dir", os.path.join(work, "run")]
     args = train_r3.parse_args(argv)
 
     sample.REUSE = own.reuse == "on"

@@ -48,12 +48,12 @@ parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }  # each stdin line a 
 
 train "$OUT/start" --method grpo --steps 10 --seed 0
 R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 --steps 1000 --token-budget $BUDGET"
-flags() {  # flags ARM: the arm's training flags
+flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (the embedded recipe sets two)
     case $1 in
-        r3-anchor-progress) echo "$R3 --retry-reward progress --train-attempts" ;;
-        r3-anchor-repeat0)  echo "$R3 --repeat-reward 0 --train-attempts" ;;
-        r3-repeat0)         echo "$R3 --repeat-reward 0" ;;
-        r3)                 echo "$R3" ;;
+        r3-anchor-progress) echo "$R3 --retry-reward progress --repeat-reward none --train-attempts" ;;
+        r3-anchor-repeat0)  echo "$R3 --repeat-reward 0 --train-attempts" ;;   # the recipe's since 2026-12-02
+        r3-repeat0)         echo "$R3 --repeat-reward 0 --no-train-attempts" ;;
+        r3)                 echo "$R3 --repeat-reward none --no-train-attempts" ;;  # the paper's R3 step
         grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
         *) echo "examples/r3_vs_grpo.sh: unknown arm '$1' in ARMS" >&2; exit 2 ;;
     esac

@@ -37,6 +37,18 @@ def test_quick_preset_fills_only_what_the_user_left_at_its_default():
     assert train_r3.parse_args([]).steps != 2  # off by default
 
 
+def test_embedded_recipe_sets_the_retry_reward_and_trained_attempts_for_r3_only():
+    r3 = train_r3.parse_args([])
+    assert (r3.repeat_reward, r3.train_attempts, r3.retry_reward) == (0.0, True, "verifier")
+    paper = train_r3.parse_args(["--repeat-reward", "none", "--no-train-attempts"])  # the paper's R3 step
+    assert (paper.repeat_reward, paper.train_attempts) == (None, False)
+    grpo = train_r3.parse_args(["--method", "grpo"])
+    assert (grpo.repeat_reward, grpo.train_attempts) == (None, False)
+    hub = train_r3.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"])  # a Hub model keeps the paper's
+    assert (hub.repeat_reward, hub.train_attempts) == (None, False)
+    assert "repeat_reward=0.0" in train_r3.header(r3) and "train_attempts=True" in train_r3.header(r3)
+
+
 def test_progress_bar_counts_every_sampled_token(tiny, capsys, monkeypatch):
     import cli
     import rollout
