@@ -3,8 +3,8 @@
 # the paper, and plain GRPO at equal compute on the embedded model (docs/self_correction.md; table in
 # docs/r3_vs_grpo.md).
 #  1. start: one shared starting adapter, 10 GRPO steps with partial credit (the main command's warm-up).
-#  2. From it, for each seed and each arm of ARMS, until BUDGET sampled tokens each (R3's failure sets and
-#     --train-attempts' first attempts counted):
+#  2. From it, for each seed and each arm of ARMS (default: r3-anchor-repeat0 r3 grpo), until BUDGET
+#     sampled tokens each (R3's failure sets and --train-attempts' first attempts counted):
 #       r3-anchor-progress  R3 --retry-reward progress --train-attempts: a retry earns only its gain over the
 #                           failed attempt; GRPO on the same queries' first attempts in the same update
 #       r3-anchor-repeat0   R3 --repeat-reward 0 --train-attempts: a retry that repeats the failed answer earns 0
@@ -18,11 +18,13 @@
 # 2-core CPU: docs/self_correction.md). A rerun skips finished runs and evals and resumes a killed one.
 # Wall time on a 2-core Xeon: docs/self_correction.md.
 #   bash examples/r3_vs_grpo.sh
-#   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 ARMS="r3-anchor-progress grpo" bash examples/r3_vs_grpo.sh
+#   ARMS="r3-anchor-progress r3-anchor-repeat0 r3 grpo" COMPARE="r3-anchor-repeat0,grpo;r3-anchor-progress,grpo;r3-anchor-repeat0,r3;r3,grpo" \
+#       bash examples/r3_vs_grpo.sh   # the 2026-12-02 run (its 4 arms)
+#   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 bash examples/r3_vs_grpo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/r3-vs-grpo}; EVALS=${EVALS:-evals/r3-vs-grpo}; REPORT=${REPORT:-docs/r3_vs_grpo}
-SEEDS=${SEEDS:-"1 2 3"}; ARMS=${ARMS:-"r3-anchor-progress r3-anchor-repeat0 r3 grpo"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}
+SEEDS=${SEEDS:-"1 2 3"}; ARMS=${ARMS:-"r3-anchor-repeat0 r3 grpo"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}
 CPUS=${CPUS:-$(nproc)}; THREADS=$(( CPUS / JOBS > 0 ? CPUS / JOBS : 1 ))
 export OUT EVALS BUDGET N OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export COMMON="--task countdown --source easy --reward partial --batch-size 4 --group-size 4 --train-size 64
@@ -73,4 +75,4 @@ for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now,
     fi
 } | parallel
 python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-repeat0,r3,grpo,score,rerest" \
-    --compare "${COMPARE:-r3-anchor-progress,grpo;r3-anchor-repeat0,grpo;r3-anchor-progress,r3;r3-anchor-repeat0,r3;r3,grpo}"
+    --compare "${COMPARE:-r3-anchor-repeat0,grpo;r3-anchor-repeat0,r3;r3,grpo}"

@@ -73,16 +73,26 @@ def new_candidate(task: str):
     return keep
 
 
+def sample_row(r: dict, seed: int | None = None) -> str:
+    """One two-try record as a table row: problem (and seed), first try, reflection, retry, verdicts."""
+    text = lambda s: " ".join(s.split())[:160].replace("|", "\\|")  # noqa: E731
+    where = r["id"] if seed is None else f"{r['id']} (seed {seed})"
+    return (f"| {where} | {text(r['t1']['text'])} ({r['t1']['error']}) | "
+            f"{text((r.get('reflection') or {}).get('text', ''))} | {text(r['t2']['text'])} "
+            f"({'right' if r['t2']['correct'] else r['t2']['error']}) |")
+
+
 def samples(label: str, k: int = 4) -> list[str]:
     """The first k failed first tries of the label's lowest seed: first try, reflection, retry, verdicts."""
     seed = min(RECORDS[label])
-    out = []
-    for r in [r for r in RECORDS[label][seed] if not r["t1"]["correct"]][:k]:
-        text = lambda s: " ".join(s.split())[:160].replace("|", "\\|")  # noqa: E731
-        out.append(f"| {r['id']} | {text(r['t1']['text'])} ({r['t1']['error']}) | "
-                   f"{text((r.get('reflection') or {}).get('text', ''))} | {text(r['t2']['text'])} "
-                   f"({'right' if r['t2']['correct'] else r['t2']['error']}) |")
-    return out
+    return [sample_row(r) for r in [r for r in RECORDS[label][seed] if not r["t1"]["correct"]][:k]]
+
+
+def fixes(label: str, k: int = 8) -> list[str]:
+    """Up to k failed first tries whose retry passed (Δ i→c), over every seed: what a fix looks like."""
+    found = [(seed, r) for seed in sorted(RECORDS[label]) for r in RECORDS[label][seed]
+             if not r["t1"]["correct"] and r["t2"]["correct"]]
+    return [sample_row(r, seed) for seed, r in found[:k]]
 
 
 def score(seeds: dict[int, dict], ids: list[str], pick_seeds: list[int], pick_ids: list[int]) -> dict[str, float]:
@@ -160,6 +170,9 @@ def main(argv=None):
     for label in [x for x in dict.fromkeys(x for pair in pairs for x in pair) if x in rows]:
         lines += [f"Samples, {label} (seed {min(RECORDS[label])}), the first failed first tries:", "",
                   "| problem | first try | reflection | retry |", "|---|---|---|---|", *samples(label), ""]
+        if fixes(label):
+            lines += [f"Fixes, {label}: failed first tries whose retry passed (up to 8, every seed):", "",
+                      "| problem | first try | reflection | retry |", "|---|---|---|---|", *fixes(label), ""]
     table = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)

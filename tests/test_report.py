@@ -43,6 +43,10 @@ def test_table_rows_intervals_and_the_arm_difference(tmp_path):
     assert "r3 − grpo, acc@t1: +0.0 points, 95% interval [+0.0, +0.0] (includes 0)" in table
     assert "100% of 360" in rows["grpo"] and "1,000" in rows["r3"]  # every failed retry repeated the first try
     assert (tmp_path / "out.png").stat().st_size > 0
+    # the fixes that explain Δ i→c: r3's (8 of its 120, seed by seed), none for grpo, which fixed nothing
+    fixes = table.split("Fixes, r3:")[1].split("\n\n")[1].splitlines()[2:]
+    assert len(fixes) == 8 and fixes[0].startswith("| p20 (seed 1) | <answer> 1 + 2 </answer> (missed_target)")
+    assert fixes[0].endswith("| <answer> 3 </answer> (right) |") and "Fixes, grpo" not in table
 
 
 def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path):
