@@ -61,7 +61,12 @@ METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv
 
 def optional_float(text: str) -> float | None:
     """A number, or "none" (unset: a recipe's value can be turned off from the command line)."""
-    return None if text.strip().lower() == "none" else float(text)
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a number or 'none', not {text!r}")
 
 
 def parse_args(argv=None):

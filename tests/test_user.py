@@ -155,3 +155,12 @@ def test_missing_tracking_package_is_one_line(tiny_model_dir, tmp_path, flag, pa
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-2000:]
     assert f"pip install {package.split('.')[-1]}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_repeat_reward_takes_a_number_or_none():
+    assert train_r3.optional_float("none") is None and train_r3.optional_float(" None ") is None
+    assert train_r3.optional_float("-0.5") == -0.5
+    import argparse
+    import pytest
+    with pytest.raises(argparse.ArgumentTypeError, match="a number or 'none'"):
+        train_r3.optional_float("abc")
