@@ -177,8 +177,7 @@ def test_torchrun_two_ranks_train_the_same_model_as_one_process(tiny_model_dir, 
     """2 gloo ranks and one process, the same global batch: the same rewards at every step and the same
     adapter at the end. The trainer itself checks after every step that the ranks' adapters agree
     (loop.train_loop raises otherwise), so finishing also shows that."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "R3_SCRIPTED_PARTIAL": "1" if "progress" in phases else "0"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     flags = ["--method", method, "--steps", "3", "--eval-every", "3", "--save-every", "1"]
     one, two = tmp_path / "one", tmp_path / "two"
     run_script(small_args(tiny_model_dir, one, *flags), env)
