@@ -345,9 +345,10 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
     verdicts = [t.verdict for ep in episodes for t in ep.retries]
     repeats = [verifiers.same_answer(args.task, t.text, q["attempt"]) for ep, q in zip(episodes, queries)
                for t in ep.retries]
-    # --retry-reward progress: each retry is paid against its own failed attempt's verdict
-    before = [tasks.verify(args.task, q["attempt"], ex) for q, ex in zip(queries, examples)
-              for _ in range(args.group_size)] if args.retry_reward == "progress" else None
+    # --retry-reward progress: each retry is paid against its own failed attempt's verdict (judged once per query)
+    before = [v for q, ex in zip(queries, examples)
+              for v in [tasks.verify(args.task, q["attempt"], ex)] * args.group_size] \
+        if args.retry_reward == "progress" else None
     return reflections, verdicts, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
                                   "reflection_len": [len(r.ids) for r in reflections], "repeat": repeats,
                                   "attempt_verdicts": before}
@@ -362,6 +363,17 @@ def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
                                                "repeat": [], "attempt_verdicts": None}
 
 
+def group_samples(turns, rewards: torch.Tensor, G: int, skip_flat: bool) -> tuple[list, torch.Tensor]:
+    """GRPO's training samples from groups of G turns and their rewards, and which groups carry signal.
+    A group whose rewards are all equal has advantage 0, but its KL term still pulls toward the base and
+    it counts in the normaliser, as in TRL. skip_flat (--skip-flat-groups) leaves it out (no backward pass)."""
+    signal = rl.has_signal(rewards, G)
+    advantages = rl.group_advantages(rewards, G)
+    samples = [rl.Sample(t.prompt_ids, t.ids, a.item()) for i, (t, a) in enumerate(zip(turns, advantages))
+               if signal[i // G] or not skip_flat]
+    return samples, signal
+
+
 def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, reward_kind: str):
     """Sample, reward, and one GRPO update (DeepSeekMath eq. 3) on this rank's share of the batch."""
     t0 = time.perf_counter()
@@ -374,20 +386,12 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b)
                             for v, rep, b in zip(verdicts, info["repeat"] or [False] * len(verdicts), before)])
     G = args.group_size
-    advantages = rl.group_advantages(rewards, G)
-    signal = rl.has_signal(rewards, G)
-    # A group whose rewards are all equal has advantage 0, but its KL term still pulls toward the base and
-    # it counts in the normaliser, as in TRL. --skip-flat-groups leaves it out (no backward pass).
-    samples = [rl.Sample(t.prompt_ids, t.ids, a.item()) for i, (t, a) in enumerate(zip(turns, advantages))
-               if signal[i // G] or not args.skip_flat_groups]
+    samples, signal = group_samples(turns, rewards, G, args.skip_flat_groups)
     extra = {}
     if method == "r3" and args.train_attempts:  # plain GRPO on the same queries' first attempts, same update
         tries, tried, tried_info = grpo_samples(model, tok, args, queries, [mix_seed(s, 2) for s in seeds])
-        tries_rewards = torch.tensor([loop.reward(v, reward_kind) for v in tried])
-        tries_signal = rl.has_signal(tries_rewards, G)
-        samples += [rl.Sample(t.prompt_ids, t.ids, a.item())
-                    for i, (t, a) in enumerate(zip(tries, rl.group_advantages(tries_rewards, G)))
-                    if tries_signal[i // G] or not args.skip_flat_groups]
+        samples += group_samples(tries, torch.tensor([loop.reward(v, reward_kind) for v in tried]), G,
+                                 args.skip_flat_groups)[0]
         info["tokens"] += tried_info["tokens"]
         extra = {"attempt_solved": [float(v.correct) for v in tried]}
     t_sample = time.perf_counter() - t0
@@ -437,8 +441,8 @@ def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "retry_reward", "repeat_reward", "train_attempts", "skip_flat_groups", "warmup_steps",
-                    "warmup_reward", "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
+    keys += {"r3": ["kl_beta", "reflect_tokens", "retry_reward", "repeat_reward", "train_attempts", "skip_flat_groups",
+                    "warmup_steps", "warmup_reward", "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]
     return "run: " + " ".join(f"{k}={getattr(args, k)}" for k in keys)
