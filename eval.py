@@ -50,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length (default: per task, as training; at least 1)")
     p.add_argument("--reflect-tokens", type=int, default=64, help="reflection length (r3)")
+    p.add_argument("--reflect-prompt", default=None, choices=sorted(tasks.REFLECT_PROMPTS), help="what the reflection "
+                   "is asked for (r3; train_r3.py --help). Default: as the adapter's run was trained, else approach")
     p.add_argument("--batch-size", type=int, default=64,
                    help="examples per chunk (sampled together, then saved; at least 1); wide batches decode "
                         "faster per token")
@@ -160,7 +162,8 @@ def turn_record(turn, new: bool = True) -> dict:
 
 # ---------------------------------------------------------------------------------------------- running
 
-def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_gen, retry_gen):
+def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_gen, retry_gen,
+                 reflect_prompt="approach"):
     """rollout.two_tries' second half, keeping each r3 reflection (None where none was written)."""
     import rollout
     if method == "score":
@@ -168,7 +171,8 @@ def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_
     failed = [i for i, t in enumerate(first) if not t.verdict.correct]
     rollout.take_pasts([t for t in first if t.verdict.correct])  # a passed try is not continued
     episodes = rollout.reflect_and_retry(model, tok, task, [examples[i] for i in failed],
-                                         [first[i] for i in failed], reflect_gen, retry_gen)
+                                         [first[i] for i in failed], reflect_gen, retry_gen,
+                                         reflect_prompt=reflect_prompt)
     second, reflections = list(first), [None] * len(first)
     for i, ep in zip(failed, episodes):
         second[i], reflections[i] = ep.retries[0], ep.reflections[0]
@@ -197,7 +201,7 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
             # keep=True: the second try continues the first's cache
             first = rollout.attempt(model, tok, config["task"], chunk, answer, keep=True)
             second, reflections = second_tries(model, tok, config["task"], chunk, first, config["method"],
-                                               answer, reflect, retry)
+                                               answer, reflect, retry, config.get("reflect_prompt", "approach"))
             seconds = (time.perf_counter() - t0) / len(chunk)
             rows = []
             for ex, a, b, r in zip(chunk, first, second, reflections):
@@ -216,14 +220,17 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
     return [done[ex["id"]] for ex in examples]
 
 
-def trained_in_4bit(adapter: Path) -> bool:
-    """Was this adapter (<run>/ckpt-N/adapter) trained with --4bit? Its run's args.json says."""
+def trained_with(adapter: Path) -> dict:
+    """The flags this adapter (<run>/ckpt-N/adapter) was trained with, as its run's args.json holds them
+    (strings); {} for an adapter outside a run."""
     for run in (adapter.parent.parent, adapter.parent):
         try:
-            return json.loads((run / "args.json").read_text()).get("load_in_4bit") == "True"
-        except (OSError, ValueError, AttributeError):
+            flags = json.loads((run / "args.json").read_text())
+        except (OSError, ValueError):
             continue
-    return False
+        if isinstance(flags, dict):
+            return flags
+    return {}
 
 
 def validate(args):
@@ -236,6 +243,8 @@ def validate(args):
                       "at least 1"),
                      ("--reflect-tokens", args.reflect_tokens, args.reflect_tokens >= 1, "at least 1"),
                      ("--temperature", args.temperature, args.temperature >= 0, ">= 0")])
+    if args.method == "score" and args.reflect_prompt is not None:
+        raise cli.UsageError("--reflect-prompt is r3's: --method score's second try has no reflection")
     cli.writable_dir(args.out, "--out")
 
 
@@ -248,9 +257,16 @@ def main(argv=None):
     if args.compare and adapter is None:
         raise cli.UsageError("--compare needs --adapter (a run directory or an adapter directory)")
     validate(args)
-    if adapter is not None and not args.load_in_4bit and trained_in_4bit(adapter):
+    trained = trained_with(adapter) if adapter is not None else {}
+    if not args.load_in_4bit and trained.get("load_in_4bit") == "True":
         args.load_in_4bit = True
         print(f"eval: {adapter} was trained on a 4-bit base (its run's args.json): scoring it with --4bit, as trained")
+    if args.reflect_prompt is None:  # the reflection the policy learned to write is the one asked for
+        args.reflect_prompt = trained.get("reflect_prompt") if trained.get("reflect_prompt") in tasks.REFLECT_PROMPTS \
+            else "approach"
+        if args.reflect_prompt != "approach" and args.method == "r3":
+            print(f"eval: {adapter} was trained with --reflect-prompt {args.reflect_prompt} (its run's args.json): "
+                  "asking for its reflections so")
     from loop import TASK_TOKENS, fit_context
     examples = tasks.load_examples(args.task, "test", source=args.source, n=args.n, seed=args.seed)
     if not examples:
@@ -265,7 +281,9 @@ def main(argv=None):
             "temperature": args.temperature, "max_new_tokens": args.max_new_tokens,
             "reflect_tokens": args.reflect_tokens, "seed": args.seed,
             "code": files_hash(Path(__file__).parent / name for name in RESULT_CODE),
-            **({"load_in_4bit": True} if args.load_in_4bit else {})}  # absent when off: older files keep their names
+            **({"load_in_4bit": True} if args.load_in_4bit else {}),  # absent when off: older files keep their names
+            **({"reflect_prompt": args.reflect_prompt} if args.method == "r3" and args.reflect_prompt != "approach"
+               else {})}
     configs = {}
     if adapter is None or args.compare:
         configs["base"] = base
@@ -281,6 +299,7 @@ def main(argv=None):
     caption = (f"{args.task} ({base['source']}, {len(examples)} held-out examples), method {args.method}, "
                f"model {args.model}" + (" (4-bit NF4)" if args.load_in_4bit else "") +
                (f", adapter {adapter}" if adapter else "") +
+               (f", --reflect-prompt {args.reflect_prompt}" if "reflect_prompt" in base else "") +
                f", temperature {args.temperature}")
     stem = out / f"summary-{config_hash(configs)}"
     stem.with_suffix(".json").write_text(json.dumps(

@@ -143,7 +143,7 @@ def fit_context(model, tok, args, examples: list[dict], what: str, mode: str | N
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     mode = mode or {"grpo": "none", "score": "score"}.get(args.method, "r3")
     follow = lambda ex: {"none": [], "score": [tasks.correction_instruction(args.task)],  # noqa: E731
-                         "r3": [tasks.reflect_instruction(args.task), tasks.retry_instruction(args.task, ex)]}[mode]
+                         "r3": [tasks.reflect_instruction(args.task, args.reflect_prompt), tasks.retry_instruction(args.task, ex)]}[mode]
     generated = args.max_new_tokens * (1 + (mode != "none")) + (args.reflect_tokens if mode == "r3" else 0)
     if not context or not examples:
         return examples
@@ -271,7 +271,7 @@ def evaluate(model, tok, args, test: list[dict], rank: int, size: int) -> dict:
     mode = "score" if args.method == "score" else "r3"
     with rollout.progress(f"eval: two tries on {len(test)} held-out examples", leave=False):
         first, second = rollout.two_tries(model, tok, args.task, my_share(test, rank, size), gen, mode,
-                                          Gen(args.reflect_tokens, temperature=0))
+                                          Gen(args.reflect_tokens, temperature=0), args.reflect_prompt)
     model.train()
     t1 = rl.gather([t.verdict.correct for t in first])
     t2 = rl.gather([t.verdict.correct for t in second])

@@ -128,13 +128,14 @@ def attempt(model, tok, task: str, examples: list[dict], gen: Gen, n: int = 1, k
 
 
 def reflect_and_retry(model, tok, task: str, examples: list[dict], attempts: list[Turn], reflect_gen: Gen,
-                      retry_gen: Gen, n_reflections: int = 1) -> list[Episode]:
-    """R3 steps 2-3: after each failed attempt, n reflections, and after each reflection one retry.
+                      retry_gen: Gen, n_reflections: int = 1, reflect_prompt: str = "approach") -> list[Episode]:
+    """R3 steps 2-3: after each failed attempt, n reflections (asked for as tasks.REFLECT_PROMPTS[reflect_prompt]
+    says), and after each reflection one retry.
     Each continues the cache of the turn before it, where kept (attempt(keep=True)).
     Seeds as lists, one per attempt: attempt i's reflections are reflect_gen.seed[i]'s streams
     j = 0..n-1; the retry after reflection j gets the seed mix_seed(retry_gen.seed[i], j)."""
     G = n_reflections
-    convs = [then(a.messages, a.text, tasks.reflect_instruction(task)) for a in attempts]
+    convs = [then(a.messages, a.text, tasks.reflect_instruction(task, reflect_prompt)) for a in attempts]
     reflections = sample_turns(model, tok, convs, reflect_gen, G, take_pasts(attempts), keep=True)
     retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task, examples[i // G]))
                    for i, r in enumerate(reflections)]
@@ -155,7 +156,7 @@ def correct(model, tok, task: str, examples: list[dict], attempts: list[Turn], g
 
 
 def two_tries(model, tok, task: str, examples: list[dict], gen: Gen, mode: str = "r3",
-              reflect_gen: Gen | None = None) -> tuple[list[Turn], list[Turn]]:
+              reflect_gen: Gen | None = None, reflect_prompt: str = "approach") -> tuple[list[Turn], list[Turn]]:
     """The papers' evaluation: a first try on every example, then a second try.
     r3: a failed first try is followed by a reflection and a retry; a passed one stands.
     score: the correction instruction on every example, with no feedback."""
@@ -165,7 +166,7 @@ def two_tries(model, tok, task: str, examples: list[dict], gen: Gen, mode: str =
     failed = [i for i, t in enumerate(first) if not t.verdict.correct]
     take_pasts([t for t in first if t.verdict.correct])  # a passed try is not continued
     episodes = reflect_and_retry(model, tok, task, [examples[i] for i in failed], [first[i] for i in failed],
-                                 reflect_gen or gen, gen)
+                                 reflect_gen or gen, gen, reflect_prompt=reflect_prompt)
     second = list(first)
     for i, ep in zip(failed, episodes):
         second[i] = ep.retries[0]

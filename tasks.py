@@ -392,11 +392,21 @@ def first_attempt_messages(task: str, example: dict) -> list[dict]:
     return messages + [{"role": "user", "content": question}]
 
 
-def reflect_instruction(task: str) -> str:
-    """R3 step 2: after a failed attempt, ask for a short reflection (and no answer yet)."""
+# What the reflection is asked to end with (--reflect-prompt). approach: a plan and no answer, in the spirit of
+# the paper's "a short explanation that will help you do better next time"; candidate: a corrected answer to try,
+# so a reflection can carry something the retry can take (ours; docs/self_correction.md).
+REFLECT_PROMPTS = {
+    "approach": "In one or two sentences, say what was wrong and what different approach to try next. "
+                "Do not give the answer yet.",
+    "candidate": "In one or two sentences, say what was wrong, then write the corrected answer you will try.",
+}
+
+
+def reflect_instruction(task: str, prompt: str = "approach") -> str:
+    """R3 step 2: after a failed attempt, ask for a short reflection: the error categories, then what
+    REFLECT_PROMPTS[prompt] asks for."""
     _check_task(task)
-    return (f"That answer was not correct. Reflect on what went wrong. {MISTAKES[task]} In one or two "
-            "sentences, say what was wrong and what different approach to try next. Do not give the answer yet.")
+    return f"That answer was not correct. Reflect on what went wrong. {MISTAKES[task]} {REFLECT_PROMPTS[prompt]}"
 
 
 def retry_instruction(task: str, example: dict | None = None) -> str:

@@ -118,6 +118,9 @@ def parse_args(argv=None):
                    "also samples G first attempts of its queries and adds plain GRPO on them to the same update, so the "
                    "first try is trained, not only the reflection that shares its LoRA (ours, default off; embedded model "
                    "on countdown: on; docs/self_correction.md)")
+    p.add_argument("--reflect-prompt", default="approach", choices=sorted(tasks.REFLECT_PROMPTS), help="r3: what the "
+                   "reflection is asked for. approach: what went wrong and what to try, no answer yet (as the paper's "
+                   "request); candidate: what went wrong, then a corrected answer to try (ours; docs/self_correction.md)")
     p.add_argument("--init-adapter", default=None, metavar="DIR", help="start from a saved LoRA adapter (a run "
                    "directory or an adapter directory; its LoRA shape is used); the KL reference stays the base model")
     p.add_argument("--warmup-steps", type=int, default=None, help="r3: plain GRPO steps on first attempts (reward "
@@ -253,9 +256,9 @@ def validate(args):
     if a.method != "r3" and a.repeat_reward is not None:
         raise cli.UsageError(f"--repeat-reward is R3's (a retry that repeats the failed attempt); --method "
                              f"{a.method} has no retry")
-    if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts):
-        raise cli.UsageError(f"--retry-reward and --train-attempts are R3's (its retry and its step); --method "
-                             f"{a.method} has neither")
+    if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts or a.reflect_prompt != "approach"):
+        raise cli.UsageError(f"--retry-reward, --train-attempts and --reflect-prompt are R3's (its retry, its step and "
+                             f"its reflection); --method {a.method} has none of them")
     if a.method == "r3" and a.warmup_steps >= a.steps:
         raise cli.UsageError(f"{said(a, 'warmup_steps')} leaves no R3 step of {said(a, 'steps')}; give fewer "
                              "--warmup-steps or more --steps")
@@ -340,7 +343,8 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
                 for ex, q in zip(examples, queries)]
     episodes = rollout.reflect_and_retry(
         model, tok, args.task, examples, attempts, Gen(args.reflect_tokens, args.temperature, seed=seeds),
-        Gen(args.max_new_tokens, args.temperature, seed=[mix_seed(s, 1) for s in seeds]), n_reflections=args.group_size)
+        Gen(args.max_new_tokens, args.temperature, seed=[mix_seed(s, 1) for s in seeds]), n_reflections=args.group_size,
+        reflect_prompt=args.reflect_prompt)
     reflections = [r for ep in episodes for r in ep.reflections]
     verdicts = [t.verdict for ep in episodes for t in ep.retries]
     repeats = [verifiers.same_answer(args.task, t.text, q["attempt"]) for ep, q in zip(episodes, queries)
@@ -441,7 +445,7 @@ def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "retry_reward", "repeat_reward", "train_attempts", "skip_flat_groups",
+    keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_reward", "repeat_reward", "train_attempts", "skip_flat_groups",
                     "warmup_steps", "warmup_reward", "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]

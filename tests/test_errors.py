@@ -88,7 +88,8 @@ def steps(run_dir) -> list[int]:
     (["--repeat-reward", "0"], "--repeat-reward is R3's"), (["--method", "r3", "--repeat-reward", "2"], "at most 1"),
     (["--method", "r3", "--repeat-reward", "inf"], "--repeat-reward must be a finite"),
     (["--method", "r3", "--repeat-reward", "nan"], "--repeat-reward must be a finite"),
-    (["--retry-reward", "progress"], "--train-attempts are R3's"), (["--train-attempts"], "--train-attempts are R3's"),
+    (["--retry-reward", "progress"], "--reflect-prompt are R3's"), (["--train-attempts"], "--reflect-prompt are R3's"),
+    (["--reflect-prompt", "candidate"], "--reflect-prompt are R3's"),
     (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
 ])
 def test_train_flags(flags, message, finished_run, tiny_model_dir, tmp_path, capsys):
@@ -115,6 +116,7 @@ def test_train_out_dir_that_is_a_file_or_under_one(tiny_model_dir, tmp_path, cap
 @pytest.mark.parametrize("flags, message", [
     (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"), (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--temperature", "-1"], "--temperature"), (["--reflect-tokens", "-1"], "--reflect-tokens"),
+    (["--method", "score", "--reflect-prompt", "candidate"], "--reflect-prompt is r3's"),
 ])
 def test_eval_flags(flags, message, tiny_model_dir, tmp_path, capsys):
     argv = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "evals"), *flags]

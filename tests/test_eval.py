@@ -266,6 +266,36 @@ def test_results_file_follows_the_code_and_the_adapter_weights(tiny_model_dir, r
     assert sampled("--adapter", str(adapter)) == 2
 
 
+def test_reflect_prompt_follows_the_adapters_run_and_names_its_results(tiny_model_dir, run_dir, tmp_path,
+                                                                       monkeypatch):
+    """A run trained with --reflect-prompt candidate is asked for its reflections so (its args.json says), an
+    explicit flag wins, and the two prompts never share a results file. The paper's default keeps its name."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    asked = []
+    real = tasks.reflect_instruction
+    monkeypatch.setattr(tasks, "reflect_instruction", lambda task, prompt="approach": asked.append(prompt) or
+                        real(task, prompt))
+
+    def evaluate(out, *extra):
+        asked.clear()
+        scripted(monkeypatch, {i: ("format", "format") for i in ids(2)})
+        ev.main(flags(tiny_model_dir, tmp_path / out, 2, "--adapter", str(run), *extra))
+        [summary] = (tmp_path / out).glob("summary-*.json")
+        config = json.loads(summary.read_text())["configs"]["trained"]
+        reflections = [r["reflection"] for r in results(tmp_path / out)]
+        return set(asked) - {"approach"} or {"approach"}, config.get("reflect_prompt"), reflections
+    (run / "args.json").write_text(json.dumps({"model": str(tiny_model_dir), "reflect_prompt": "candidate"}))
+    assert evaluate("trained")[:2] == ({"candidate"}, "candidate")
+    assert evaluate("flag", "--reflect-prompt", "approach")[:2] == ({"approach"}, None)
+    (run / "args.json").write_text(json.dumps({"model": str(tiny_model_dir)}))  # a run from before the flag
+    assert evaluate("older")[:2] == ({"approach"}, None)
+    assert evaluate("asked", "--reflect-prompt", "candidate")[:2] == ({"candidate"}, "candidate")
+    names = {p.name for out in ("trained", "flag", "older", "asked") for p in (tmp_path / out).glob("results-*")}
+    assert len(names) == 2  # one file per prompt, whichever way it was chosen
+
+
 def test_rolling_mean_never_looks_ahead():
     assert ev.rolling_mean([0, 0, 0, 9, 0], window=3) == [0, 0, 0, 3, 3]
     assert ev.rolling_mean([2, 4], window=5) == [2, 3]  # fewer points at the start

@@ -238,8 +238,13 @@ def test_instructions_name_the_answer_format():
         assert fmt in tasks.retry_instruction(task, example)
         reflect = tasks.reflect_instruction(task)
         assert "one or two sentences" in reflect and "not give the answer" in reflect
+        candidate = tasks.reflect_instruction(task, "candidate")  # the same error categories, then an answer
+        assert candidate.split("?")[:-1] == reflect.split("?")[:-1]
+        assert "corrected answer" in candidate and "not give the answer" not in candidate
     assert "wrong numbers" in tasks.reflect_instruction("countdown")
     assert "wrong tool" in tasks.reflect_instruction("function_calling")
+    with pytest.raises(KeyError):
+        tasks.reflect_instruction("countdown", "plan")
     assert "error" in tasks.correction_instruction("math")
 
 

@@ -296,6 +296,21 @@ def test_token_budget_ends_the_run_at_the_step_that_reaches_it(tiny_model_dir, t
     assert read_metrics(run) == lines
 
 
+@pytest.mark.parametrize("prompt", ["approach", "candidate"])
+def test_reflect_prompt_is_what_r3_steps_and_evals_ask_for(tiny_model_dir, tmp_path, monkeypatch, capsys, prompt):
+    """--reflect-prompt reaches every reflection request (the failure set's R3 steps, the in-run eval) and
+    the header line, and the run's args.json keeps it for eval.py."""
+    monkeypatch.setattr(tasks, "verify", scripted_verify)
+    asked, real = [], tasks.reflect_instruction
+    monkeypatch.setattr(tasks, "reflect_instruction", lambda task, p="approach": asked.append(p) or real(task, p))
+    run = tmp_path / "run"
+    train_r3.main(small_args(tiny_model_dir, run, "--method", "r3", "--steps", "1", "--eval-every", "1",
+                             "--reflect-prompt", prompt))
+    assert len(asked) > 1 and set(asked) == {prompt}
+    assert f"reflect_prompt={prompt}" in capsys.readouterr().out
+    assert json.loads((run / "args.json").read_text())["reflect_prompt"] == prompt
+
+
 @pytest.mark.parametrize("train_attempts", [False, True])
 def test_train_attempts_adds_grpo_on_first_attempts_to_the_same_update(tiny_model_dir, tmp_path, monkeypatch,
                                                                        train_attempts):
