@@ -24,9 +24,11 @@ METRICS = (("acc@t1", lambda t1, t2: t1), ("acc@t2", lambda t1, t2: t2), ("Δ", 
 
 
 def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[bool, bool]]]]:
-    """{row label: {seed: {problem id: (right at try 1, right at try 2)}}} from every results file."""
-    rows = {}
-    for path in sorted(evals.glob("results-*.jsonl")):
+    """{row label: {seed: {problem id: (right at try 1, right at try 2)}}} from every results file. A row
+    and seed evaluated more than once (eval.py's code changed, so its results went to a new file) counts
+    once: the newest file."""
+    rows, newest = {}, {}
+    for path in sorted(evals.glob("results-*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name)):
         lines = path.read_text().splitlines()
         config = json.loads(lines[0])["config"]
         adapter = config.get("adapter")
@@ -40,13 +42,15 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
             label, seed = (m.group(1), int(m.group(2))) if m else (run.name, 0)
         if len(lines) < 2:  # an eval that was started and stopped before its first chunk
             continue
-        results = {}
+        if (label, seed) in newest:
+            print(f"report: {label} seed {seed} has results in {newest[label, seed].name} and the newer "
+                  f"{path.name}: using {path.name}")
+        newest[label, seed] = path
         TASK[label] = config.get("task", "countdown")
-        for line in lines[1:]:
-            r = json.loads(line)
-            results[r["id"]] = (bool(r["t1"]["correct"]), bool(r["t2"]["correct"]))
-            RECORDS.setdefault(label, {}).setdefault(seed, []).append(r)
-        rows.setdefault(label, {})[seed] = results
+        records = [json.loads(line) for line in lines[1:]]
+        RECORDS.setdefault(label, {})[seed] = records
+        rows.setdefault(label, {})[seed] = {r["id"]: (bool(r["t1"]["correct"]), bool(r["t2"]["correct"]))
+                                            for r in records}
     return rows
 
 

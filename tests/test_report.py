@@ -89,3 +89,22 @@ def test_seed_band_is_the_mean_of_the_seeds_on_their_common_tokens():
     assert list(grid) == [0, 50, 100, 150]  # stops where the shorter seed stops
     assert [round(v, 6) for v in mean] == [0.5, 1.0, 1.5, 2.0] and list(lo) == [0.0, 0.5, 1.0, 1.5]
     assert list(hi) == [1.0, 1.5, 2.0, 2.5]
+
+
+def test_a_row_evaluated_twice_counts_once_from_its_newest_file(tmp_path, capsys):
+    """eval.py writes a new results file when its code changes: the report reads the newest, not both."""
+    import os
+    evals, runs = tmp_path / "evals", tmp_path / "runs"
+    evals.mkdir()
+    (runs / "grpo-s1" / "ckpt-000001" / "adapter").mkdir(parents=True)
+    adapter = str(runs / "grpo-s1/ckpt-000001/adapter")
+    write_eval(evals, "zz-old", adapter, [(False, False)] * 10)  # sorts after the new one by name
+    write_eval(evals, "aa-new", adapter, [(i < 5, i < 5) for i in range(10)])
+    write_eval(evals, "zz-base-old", None, [(False, False)] * 10)
+    write_eval(evals, "aa-base-new", None, [(False, False)] * 4)
+    for name, when in (("zz-old", 1), ("aa-new", 2), ("zz-base-old", 1), ("aa-base-new", 2)):
+        os.utime(evals / f"results-{name}.jsonl", (when, when))
+    rows = report.read_evals(evals, runs)
+    assert sum(t1 for t1, _ in rows["grpo"][1].values()) == 5
+    assert len(rows["base model"][0]) == 4 and len(report.RECORDS["base model"][0]) == 4
+    assert "using results-aa-new.jsonl" in capsys.readouterr().out
