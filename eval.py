@@ -162,23 +162,6 @@ def turn_record(turn, new: bool = True) -> dict:
 
 # ---------------------------------------------------------------------------------------------- running
 
-def second_tries(model, tok, task, examples, first, method, answer_gen, reflect_gen, retry_gen,
-                 reflect_prompt="approach"):
-    """rollout.two_tries' second half, keeping each r3 reflection (None where none was written)."""
-    import rollout
-    if method == "score":
-        return rollout.correct(model, tok, task, examples, first, answer_gen), [None] * len(first)
-    failed = [i for i, t in enumerate(first) if not t.verdict.correct]
-    rollout.take_pasts([t for t in first if t.verdict.correct])  # a passed try is not continued
-    episodes = rollout.reflect_and_retry(model, tok, task, [examples[i] for i in failed],
-                                         [first[i] for i in failed], reflect_gen, retry_gen,
-                                         reflect_prompt=reflect_prompt)
-    second, reflections = list(first), [None] * len(first)
-    for i, ep in zip(failed, episodes):
-        second[i], reflections[i] = ep.retries[0], ep.reflections[0]
-    return second, reflections
-
-
 def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_size: int, label: str) -> list[dict]:
     """Both tries on every example not already in the results file, a chunk at a time; all records."""
     import rollout
@@ -200,8 +183,8 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
             retry = Gen(config["max_new_tokens"], temp, seed=seed + 2, batch_size=batch_size)
             # keep=True: the second try continues the first's cache
             first = rollout.attempt(model, tok, config["task"], chunk, answer, keep=True)
-            second, reflections = second_tries(model, tok, config["task"], chunk, first, config["method"],
-                                               answer, reflect, retry, config.get("reflect_prompt", "approach"))
+            second, reflections = rollout.second_try(model, tok, config["task"], chunk, first, config["method"],
+                                                     answer, reflect, retry, config.get("reflect_prompt", "approach"))
             seconds = (time.perf_counter() - t0) / len(chunk)
             rows = []
             for ex, a, b, r in zip(chunk, first, second, reflections):

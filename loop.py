@@ -143,7 +143,8 @@ def fit_context(model, tok, args, examples: list[dict], what: str, mode: str | N
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     mode = mode or {"grpo": "none", "score": "score"}.get(args.method, "r3")
     follow = lambda ex: {"none": [], "score": [tasks.correction_instruction(args.task)],  # noqa: E731
-                         "r3": [tasks.reflect_instruction(args.task, args.reflect_prompt), tasks.retry_instruction(args.task, ex)]}[mode]
+                         "r3": [tasks.reflect_instruction(args.task, args.reflect_prompt),
+                                tasks.retry_instruction(args.task, ex)]}[mode]
     generated = args.max_new_tokens * (1 + (mode != "none")) + (args.reflect_tokens if mode == "r3" else 0)
     if not context or not examples:
         return examples

@@ -155,19 +155,27 @@ def correct(model, tok, task: str, examples: list[dict], attempts: list[Turn], g
                  [ex for ex in examples for _ in range(n)])
 
 
-def two_tries(model, tok, task: str, examples: list[dict], gen: Gen, mode: str = "r3",
-              reflect_gen: Gen | None = None, reflect_prompt: str = "approach") -> tuple[list[Turn], list[Turn]]:
-    """The papers' evaluation: a first try on every example, then a second try.
-    r3: a failed first try is followed by a reflection and a retry; a passed one stands.
-    score: the correction instruction on every example, with no feedback."""
-    first = attempt(model, tok, task, examples, gen, keep=True)
+def second_try(model, tok, task: str, examples: list[dict], first: list[Turn], mode: str, gen: Gen,
+               reflect_gen: Gen, retry_gen: Gen, reflect_prompt: str = "approach"):
+    """The second try after first tries kept with keep=True: (second tries, the r3 reflection of each, None
+    where none was written). r3: a failed try gets a reflection and a retry, a passed one stands;
+    score: gen samples the correction on every example."""
     if mode == "score":
-        return first, correct(model, tok, task, examples, first, gen)
+        return correct(model, tok, task, examples, first, gen), [None] * len(first)
     failed = [i for i, t in enumerate(first) if not t.verdict.correct]
     take_pasts([t for t in first if t.verdict.correct])  # a passed try is not continued
     episodes = reflect_and_retry(model, tok, task, [examples[i] for i in failed], [first[i] for i in failed],
-                                 reflect_gen or gen, gen, reflect_prompt=reflect_prompt)
-    second = list(first)
+                                 reflect_gen, retry_gen, reflect_prompt=reflect_prompt)
+    second, reflections = list(first), [None] * len(first)
     for i, ep in zip(failed, episodes):
-        second[i] = ep.retries[0]
+        second[i], reflections[i] = ep.retries[0], ep.reflections[0]
+    return second, reflections
+
+
+def two_tries(model, tok, task: str, examples: list[dict], gen: Gen, mode: str = "r3",
+              reflect_gen: Gen | None = None, reflect_prompt: str = "approach") -> tuple[list[Turn], list[Turn]]:
+    """The papers' evaluation: a first try on every example, then a second try (second_try); gen samples
+    both tries."""
+    first = attempt(model, tok, task, examples, gen, keep=True)
+    second, _ = second_try(model, tok, task, examples, first, mode, gen, reflect_gen or gen, gen, reflect_prompt)
     return first, second
