@@ -40,19 +40,24 @@ def reward(verdict, kind: str = "binary") -> float:
 
 
 def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: float | None = None,
-                 attempt=None) -> float:
+                 attempt=None, rule: str = "verifier") -> float:
     """R3's reward for a retry. By default the verifier's (the paper, with kind binary).
     repeat_reward: a failed retry that repeats the failed attempt's answer (verifiers.same_answer) earns
     repeat_reward instead of its partial credit: under partial credit a copy earned as much as the attempt
     did, so copying was the safest thing a reflection could lead to (in the spirit of UFO's repeat
-    penalty, arXiv 2507.14295). attempt (--retry-reward progress): the failed attempt's verdict; the
-    retry earns only what it gains over it, max(0, r(retry) - r(attempt)), so a repeat, a change for the
-    worse and a change that fails the same way earn 0. Clamped, this is not SCoRe's r2 - r1 shift, which
-    group normalisation would cancel: every retry of a group follows the same attempt. Both are ours."""
+    penalty, arXiv 2507.14295). rule (--retry-reward) compares the retry with attempt, the failed
+    attempt's verdict. progress: the retry earns only what it gains over it, max(0, r(retry) - r(attempt)),
+    so a repeat, a change for the worse and a change that fails the same way earn 0. Clamped, this is not
+    SCoRe's r2 - r1 shift, which group normalisation would cancel: every retry of a group follows the same
+    attempt. no-worse: the retry's own reward, or 0 if it is below the attempt's, so a change that trades a
+    near miss for a broken rule earns nothing while a new near miss keeps its credit. All three but the
+    verifier's are ours."""
     if repeated and not verdict.correct and repeat_reward is not None:
         return repeat_reward
-    if attempt is not None:
+    if rule == "progress":
         return max(0.0, reward(verdict, kind) - reward(attempt, kind))
+    if rule == "no-worse":
+        return reward(verdict, kind) if reward(verdict, kind) >= reward(attempt, kind) else 0.0
     return reward(verdict, kind)
 
 

@@ -110,10 +110,11 @@ def parse_args(argv=None):
                    "answer repeats the failed attempt's (the same, or an equivalent form) earns R instead of the "
                    "verifier's credit (default none: the verifier's reward, as the paper; embedded model on countdown: "
                    "0; docs/self_correction.md)")
-    p.add_argument("--retry-reward", default="verifier", choices=["verifier", "progress"], help="r3: what a retry "
-                   "earns. verifier: its verdict's reward (the paper); progress: only its gain over the failed "
-                   "attempt, max(0, r(retry) - r(attempt)), so a repeat or a change that fails as badly earns 0 "
-                   "(ours; docs/self_correction.md)")
+    p.add_argument("--retry-reward", default="verifier", choices=["verifier", "progress", "no-worse"],
+                   help="r3: what a retry earns. verifier: its verdict's reward (the paper); progress: only its gain "
+                   "over the failed attempt, max(0, r(retry) - r(attempt)), so a repeat or a change that fails as badly "
+                   "earns 0; no-worse: its reward, or 0 if below the failed attempt's, so a retry that breaks a rule "
+                   "the attempt kept earns 0 (both ours; docs/self_correction.md)")
     p.add_argument("--train-attempts", action=argparse.BooleanOptionalAction, default=False, help="r3: each R3 step "
                    "also samples G first attempts of its queries and adds plain GRPO on them to the same update, so the "
                    "first try is trained, not only the reflection that shares its LoRA (ours, default off; embedded model "
@@ -349,10 +350,10 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
     verdicts = [t.verdict for ep in episodes for t in ep.retries]
     repeats = [verifiers.same_answer(args.task, t.text, q["attempt"]) for ep, q in zip(episodes, queries)
                for t in ep.retries]
-    # --retry-reward progress: each retry is paid against its own failed attempt's verdict (judged once per query)
+    # --retry-reward progress / no-worse: each retry is paid against its failed attempt's verdict (judged once per query)
     before = [v for q, ex in zip(queries, examples)
               for v in [tasks.verify(args.task, q["attempt"], ex)] * args.group_size] \
-        if args.retry_reward == "progress" else None
+        if args.retry_reward != "verifier" else None
     return reflections, verdicts, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
                                   "reflection_len": [len(r.ids) for r in reflections], "repeat": repeats,
                                   "attempt_verdicts": before}
@@ -384,10 +385,10 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     make = r3_samples if method == "r3" else grpo_samples
     turns, verdicts, info = make(model, tok, args, queries, seeds)
     # R3: the retry's verdict; --repeat-reward for a retry that repeats the failed attempt; --retry-reward
-    # progress: only the retry's gain over that attempt
+    # progress / no-worse: the retry against that attempt
     repeat_reward = args.repeat_reward if method == "r3" else None
     before = info["attempt_verdicts"] or [None] * len(verdicts)
-    rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b)
+    rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b, args.retry_reward)
                             for v, rep, b in zip(verdicts, info["repeat"] or [False] * len(verdicts), before)])
     G = args.group_size
     samples, signal = group_samples(turns, rewards, G, args.skip_flat_groups)

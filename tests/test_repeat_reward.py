@@ -116,12 +116,51 @@ def test_progress_reward_table(attempt, retry, kind, want):
     before = tasks.verify("countdown", attempt, EX)
     assert not before.correct
     got = loop.retry_reward(tasks.verify("countdown", retry, EX), verifiers.same_answer("countdown", retry, attempt),
-                            kind, None, before)
+                            kind, None, before, "progress")
     assert got == pytest.approx(want)
 
 
 def test_progress_with_a_repeat_penalty_pays_the_penalty_for_a_repeat():
     before = tasks.verify("countdown", "<answer> 2 * 3 * 3 </answer>", EX)
     repeat = tasks.verify("countdown", "<answer> 3 * 2 * 3 </answer>", EX)
-    assert loop.retry_reward(repeat, True, "partial", -0.5, before) == -0.5
-    assert loop.retry_reward(Verdict(True), True, "partial", -0.5, before) == 0.5  # a pass is progress, not a repeat
+    assert loop.retry_reward(repeat, True, "partial", -0.5, before, "progress") == -0.5
+    assert loop.retry_reward(Verdict(True), True, "partial", -0.5, before, "progress") == 0.5  # a pass is progress
+
+
+# --retry-reward no-worse: (attempt, retry, --reward, --repeat-reward) -> the retry's reward, or 0 if it is below
+# the attempt's. The attempt failed.
+NO_WORSE = [
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 * 3 - 2 </answer>", "partial", 0.0, 0.5),  # a new near miss keeps 0.5
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 * 2 * 3 </answer>", "partial", 0.0, 0.0),  # an equivalent rewrite
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 2 * 3 * 3 </answer>", "partial", 0.0, 0.0),  # a repeat, word for word
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 2 * 3 * 3 </answer>", "partial", None, 0.5),  # no repeat penalty: its 0.5
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 2 + 3 </answer>", "partial", 0.0, 0.0),      # near miss -> wrong numbers
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 2 * 3 * 4 </answer>", "partial", 0.0, 0.0),  # a number made up: 0, not 0.25
+    ("<answer> 2 * 3 * 3 </answer>", "no tag", "partial", 0.0, 0.0),                        # a format error
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 + 3 + 2 </answer>", "partial", 0.0, 1.0),  # a fix
+    ("<answer> 2 + 3 </answer>", "<answer> 2 * 3 </answer>", "partial", 0.0, 0.25),         # wrong numbers again, changed
+    ("<answer> 2 + 3 </answer>", "<answer> 2 * 3 + 3 </answer>", "partial", 0.0, 0.5),      # wrong numbers -> near miss
+    ("no tag", "<answer> 2 + 3 </answer>", "partial", 0.0, 0.25),                           # anything beats no answer
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 + 3 + 2 </answer>", "binary", 0.0, 1.0),   # binary: the verifier's
+    ("<answer> 2 * 3 * 3 </answer>", "<answer> 3 * 3 - 2 </answer>", "binary", None, 0.0),
+]
+
+
+@pytest.mark.parametrize("attempt, retry, kind, repeat_reward, want", NO_WORSE)
+def test_no_worse_reward_table(attempt, retry, kind, repeat_reward, want):
+    before = tasks.verify("countdown", attempt, EX)
+    assert not before.correct
+    got = loop.retry_reward(tasks.verify("countdown", retry, EX), verifiers.same_answer("countdown", retry, attempt),
+                            kind, repeat_reward, before, "no-worse")
+    assert got == pytest.approx(want)
+
+
+def test_the_three_retry_rules_differ_on_a_new_near_miss():
+    # after a missed_target attempt, a different missed_target retry: the verifier's 0.5, no gain (0), not worse (0.5)
+    before = tasks.verify("countdown", "<answer> 2 * 3 * 3 </answer>", EX)
+    retry = tasks.verify("countdown", "<answer> 3 * 3 - 2 </answer>", EX)
+    got = [loop.retry_reward(retry, False, "partial", 0.0, before, rule) for rule in ("verifier", "progress", "no-worse")]
+    assert got == [0.5, 0.0, 0.5]
+    broke = tasks.verify("countdown", "<answer> 2 + 3 </answer>", EX)  # and one that breaks the numbers rule
+    assert [loop.retry_reward(broke, False, "partial", 0.0, before, r) for r in ("verifier", "progress", "no-worse")] \
+        == [0.25, 0.0, 0.0]
