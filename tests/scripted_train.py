@@ -14,12 +14,14 @@ from verifiers import Verdict  # noqa: E402
 
 
 def scripted_verify(task, text, example):
-    """R3_SCRIPTED_PARTIAL=1: half the failures are missed_target (partial credit 0.5), so rewards that
-    compare a retry with its attempt (--retry-reward progress) differ from the verifier's."""
+    """R3_SCRIPTED_PARTIAL=1: the failures earn three levels of partial credit (missed_target 0.5,
+    wrong_numbers 0.25, none), so rewards that compare a retry with its attempt (--retry-reward progress,
+    no-worse) differ from the verifier's."""
     crc = zlib.crc32(text.encode())
-    ok = crc % 2 == 0
-    partial = os.environ.get("R3_SCRIPTED_PARTIAL") == "1" and crc % 4 == 1
-    return Verdict(ok, None if ok else "missed_target" if partial else "scripted", "scripted verdict")
+    if crc % 2 == 0:
+        return Verdict(True, None, "scripted verdict")
+    levels = {1: "missed_target", 3: "wrong_numbers"} if os.environ.get("R3_SCRIPTED_PARTIAL") == "1" else {}
+    return Verdict(False, levels.get(crc % 8, "scripted"), "scripted verdict")
 
 
 def scripted_same_answer(task, retry, attempt):

@@ -13,8 +13,10 @@ from safetensors.torch import load_file
 import rundir
 import tasks
 import train_r3
+import verifiers
 from conftest import ROOT
 from scripted_train import scripted_verify
+from verifiers import Verdict
 
 SCRIPT = str(ROOT / "tests" / "scripted_train.py")
 
@@ -56,20 +58,23 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
 
 @pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2"],
                                     ["--reward", "partial", "--repeat-reward", "-0.5"],
-                                    ["--reward", "partial", "--retry-reward", "progress", "--train-attempts"]],
-                         ids=["r3", "phases", "repeat-reward", "progress-train-attempts"])
+                                    ["--reward", "partial", "--retry-reward", "progress", "--train-attempts"],
+                                    ["--reward", "partial", "--retry-reward", "no-worse", "--repeat-reward", "0",
+                                     "--train-attempts"]],
+                         ids=["r3", "phases", "repeat-reward", "progress-train-attempts", "no-worse"])
 def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases):
     """Killed after a checkpoint at step 3-5 and resumed: the uninterrupted run's steps, rewards, failure
     sets and weights. With phases: GRPO warm-up steps 1-2, then R3 on a failure set built after step 2
     and rebuilt after step 4, so the kill lands between a set's build and its rebuild. With
     --repeat-reward: retries that repeat their attempt (scripted: a third) earn -0.5, before and after.
     --retry-reward progress --train-attempts: retries earn their gain over the attempt (scripted: some
-    failures earn partial credit), and first attempts are sampled and trained in the same steps."""
+    failures earn partial credit), and first attempts are sampled and trained in the same steps.
+    --retry-reward no-worse (the recipe's repeat penalty and trained attempts too): the same, paid as no-worse."""
     steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0", *phases]
     # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
     # uninterrupted runs were seen to drift apart by rounding within a few steps at this learning rate.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "R3_SCRIPTED_PARTIAL": "1" if "progress" in phases else "0"}
+           "R3_SCRIPTED_PARTIAL": "1" if "--retry-reward" in phases else "0"}
     straight = tmp_path / "straight"
     subprocess.run([sys.executable, SCRIPT, *small_args(tiny_model_dir, straight, *steps)], check=True,
                    capture_output=True, timeout=300, env=env)
@@ -108,6 +113,7 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
         assert any(ref[s]["repeat_frac"] > 0 and ref[s]["reward"] < ref[s]["solved"] for s in ref)
     if "progress" in phases:  # a pass after a missed_target attempt earns 0.5: some step's reward is below its pass rate
         assert any(ref[s]["reward"] < ref[s]["solved"] for s in ref)
+    if "--retry-reward" in phases:
         assert all("attempt_solved" in ref[s] for s in ref) and any(ref[s]["attempt_solved"] > 0 for s in ref)
         assert all(ref[s + 1]["tokens_total"] - ref[s]["tokens_total"] > 0 for s in range(1, 6))
     if "--warmup-steps" in phases:
@@ -342,3 +348,26 @@ def test_train_attempts_adds_grpo_on_first_attempts_to_the_same_update(tiny_mode
         for k in range(2):
             group = [s.advantage for s in on_attempts[k * G:(k + 1) * G]]
             assert abs(sum(group)) < 1e-5
+
+
+@pytest.mark.parametrize("rule, want", [("verifier", [0.25] * 8), ("progress", [0.0] * 4 + [0.25] * 4),
+                                        ("no-worse", [0.0] * 4 + [0.25] * 4)])
+def test_retry_reward_pays_each_retry_against_its_own_attempt(tiny_model_dir, tmp_path, monkeypatch, rule, want):
+    """--retry-reward in a real R3 step: query 0's attempt was a near miss (0.5), query 1's had no answer (0);
+    every retry breaks the numbers rule (0.25). verifier pays 0.25 each; progress and no-worse pay query 0's
+    retries 0 (below their attempt) and query 1's 0.25 (no-worse: not below; progress: a gain of 0.25)."""
+    import rl
+    import model as model_lib
+    args = train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "run", "--reward", "partial",
+                                          "--retry-reward", rule))
+    model, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+    examples = tasks.load_examples("countdown", "train", n=2, seed=0)
+    near_miss, no_answer = "<answer> 1 + 1 </answer>", "no answer"
+    queries = [{"example": examples[0], "attempt": near_miss}, {"example": examples[1], "attempt": no_answer}]
+    verdicts = {near_miss: Verdict(False, "missed_target"), no_answer: Verdict(False, "format")}
+    monkeypatch.setattr(tasks, "verify", lambda task, text, ex: verdicts.get(text, Verdict(False, "wrong_numbers")))
+    monkeypatch.setattr(verifiers, "same_answer", lambda task, retry, attempt: False)
+    monkeypatch.setattr(rl, "update", lambda *a: {"loss": 0.0, "kl_sum": 0.0, "kl_tokens": 0, "grad_norm": 0.0})
+    cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, 1, args.micro_batch, 0)
+    stats = train_r3.train_step(model, tok, None, args, cfg, queries, [5, 6], "r3", "partial")
+    assert args.group_size == 4 and stats["reward"] == want

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import config
 import export
 import loop
 import model as model_lib
@@ -46,7 +47,7 @@ def test_embedded_recipe_sets_the_retry_reward_and_trained_attempts_for_r3_only(
     assert (grpo.repeat_reward, grpo.train_attempts) == (None, False)
     hub = train_r3.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"])  # a Hub model keeps the paper's
     assert (hub.repeat_reward, hub.train_attempts) == (None, False)
-    assert "repeat_reward=0.0" in train_r3.header(r3) and "train_attempts=True" in train_r3.header(r3)
+    assert "repeat_reward=0.0" in config.header(r3) and "train_attempts=True" in config.header(r3)
 
 
 def test_progress_bar_counts_every_sampled_token(tiny, capsys, monkeypatch):
@@ -158,9 +159,9 @@ def test_missing_tracking_package_is_one_line(tiny_model_dir, tmp_path, flag, pa
 
 
 def test_repeat_reward_takes_a_number_or_none():
-    assert train_r3.optional_float("none") is None and train_r3.optional_float(" None ") is None
-    assert train_r3.optional_float("-0.5") == -0.5
+    assert config.optional_float("none") is None and config.optional_float(" None ") is None
+    assert config.optional_float("-0.5") == -0.5
     import argparse
     import pytest
     with pytest.raises(argparse.ArgumentTypeError, match="a number or 'none'"):
-        train_r3.optional_float("abc")
+        config.optional_float("abc")
