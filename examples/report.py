@@ -143,8 +143,8 @@ def main(argv=None):
     lines = [f"{len(ids)} held-out problems, greedy, two tries (a failed first try: reflection, then retry); "
              f"95% bootstrap intervals over problems and seeds ({args.bootstrap} resamples). Accuracies in %.", "",
              "| row | seeds | " + " | ".join(name for name, _ in METRICS) + " | retry = first try | retry repeats "
-             "first try's answer | reflection names a new candidate | sampled tokens |",
-             "|---|---|" + "---|" * (len(METRICS) + 4)]
+             "first try's answer | reflection names a new candidate | fixes per seed | sampled tokens |",
+             "|---|---|" + "---|" * (len(METRICS) + 5)]
     for k, label in enumerate(order):
         point = score(arms[k], ids, sorted(arms[k]), list(range(len(ids))))
         cells = []
@@ -154,7 +154,8 @@ def main(argv=None):
         task = TASK[label]
         same = lambda r: verifiers.same_answer(task, r["t2"]["text"], r["t1"]["text"])  # noqa: E731
         lines.append(f"| {label} | {len(arms[k])} | " + " | ".join(cells) + f" | {share(label, word_for_word)} | "
-                     f"{share(label, same)} | {share(label, new_candidate(task))} | {train_tokens(runs, label)} |")
+                     f"{share(label, same)} | {share(label, new_candidate(task))} | {fixes_per_seed(arms[k], ids)} | "
+                     f"{train_tokens(runs, label)} |")
     pairs = [pair.split(",") for pair in args.compare.split(";")]
     for a, b in pairs:
         if a not in rows or b not in rows:
@@ -169,7 +170,8 @@ def main(argv=None):
     lines += ["", "\"retry = first try\": of the failed first tries, the share whose second try repeated it word "
               "for word; \"retry repeats first try's answer\": the same or an equivalent answer "
               "(verifiers.same_answer); \"reflection names a new candidate\": the reflection holds an answer (for "
-              "countdown, a tag or a bare expression) other than the first try's. \"sampled tokens\": the "
+              "countdown, a tag or a bare expression) other than the first try's. \"fixes per seed\": the problems "
+              "wrong at the first try and right at the second, seed by seed. \"sampled tokens\": the "
               "training run's, mean over seeds (R3: failure sets included).", ""]
     for label in [x for x in dict.fromkeys(x for pair in pairs for x in pair) if x in rows]:
         lines += [f"Samples, {label} (seed {min(RECORDS[label])}), the first failed first tries:", "",
@@ -182,6 +184,11 @@ def main(argv=None):
     out.with_suffix(".md").write_text(table)
     print(table)
     plot(runs, order, out.with_suffix(".png"))
+
+
+def fixes_per_seed(seeds: dict[int, dict], ids: list[str]) -> str:
+    """Δ i→c as counts, seed by seed ("6 / 0 / 3"): whether the arm's fixes come from every seed or a few."""
+    return " / ".join(str(sum(not seeds[s][i][0] and seeds[s][i][1] for i in ids)) for s in sorted(seeds))
 
 
 def train_tokens(runs: Path, label: str) -> str:

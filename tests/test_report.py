@@ -42,6 +42,7 @@ def test_table_rows_intervals_and_the_arm_difference(tmp_path):
     assert "r3 − grpo, acc@t2: +30.0 points" in table and "(excludes 0)" in table
     assert "r3 − grpo, acc@t1: +0.0 points, 95% interval [+0.0, +0.0] (includes 0)" in table
     assert "100% of 360" in rows["grpo"] and "1,000" in rows["r3"]  # every failed retry repeated the first try
+    assert rows["r3"].split(" | ")[-2] == "60 / 60" and rows["grpo"].split(" | ")[-2] == "0 / 0"  # fixes per seed
     assert (tmp_path / "out.png").stat().st_size > 0
     # the fixes that explain Δ i→c: r3's (8 of its 120, seed by seed), none for grpo, which fixed nothing
     fixes = table.split("Fixes, r3:")[1].split("\n\n")[1].splitlines()[2:]
