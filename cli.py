@@ -1,5 +1,6 @@
 """The edge of every command: a user's mistake becomes one clear line and exit code 2. Every entry
 point imports this first, so it is also where third-party noise is turned down."""
+import argparse
 import logging
 import math
 import os
@@ -35,6 +36,14 @@ def progress_line(line: str):
     log when it happens."""
     if not on_terminal() and os.environ.get("RANK", "0") == "0":
         print(line, flush=True)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a flag it rejects (an unknown --task, a missing value) is one line too, not
+    the usage block with the error under it; --help still prints everything."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help lists every flag)\n")
 
 
 class UsageError(Exception):

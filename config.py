@@ -17,15 +17,12 @@ from loop import PARTIAL_CREDIT, TASK_TOKENS
 from model import DEFAULT_MODEL, LORA_TARGETS, resolve_adapter
 
 # --quick: the whole loop (failure set, reflections, retries, update, checkpoint, two-try eval) at toy size.
-QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, "eval_size": 4, "batch_size": 2, "group_size": 2, "max_new_tokens": 24,
-         "reflect_tokens": 24, "k": 2, "sft_epochs": 1, "eval_every": 2}
-# Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
-# q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
+QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, "eval_size": 4, "batch_size": 2,
+         "group_size": 2, "max_new_tokens": 24, "reflect_tokens": 24, "k": 2, "sft_epochs": 1, "eval_every": 2}
 # The README's main command on the embedded 135M model (`python train_r3.py --task countdown`): a recipe in
-# which R3 gets signal on a CPU (docs/deviations.md). The base model solves no
-# Countdown problem, so no retry passes and no group has signal: the easy source, a short GRPO warm-up
-# with partial credit, and a failure set rebuilt as the policy improves. Hub models keep the paper's setting.
-# Its warm-up is a third of --steps (10 of 30).
+# which R3 gets signal on a CPU (docs/deviations.md). The base model solves no Countdown problem, so no
+# retry passes and no group has signal: the easy source, a short GRPO warm-up with partial credit (a third
+# of --steps, 8 of 24), and a failure set rebuilt as the policy improves. Hub models keep the paper's setting.
 EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "reward": "partial", "lr": 2e-4,
                       "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12,
                       "micro_batch": 16,  # micro_batch: an R3 step (4 x 4) in one pass; the same gradient
@@ -33,6 +30,8 @@ EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "rew
                       # (the 2026-12-02 experiment, docs/self_correction.md)
                       "repeat_reward": 0.0, "train_attempts": True}
 R3_ONLY = {"warmup_steps", "refresh_failures", "repeat_reward", "retry_reward", "train_attempts"}
+# Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
+# q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
                    "other": {"lora_r": 16, "lora_alpha": None, "lora_targets": "all", "lr": 1e-4}}
 
@@ -49,7 +48,7 @@ def optional_float(text: str) -> float | None:
 
 def parse_args(argv=None, description: str | None = None):
     """The run's flags (description: the --help text above them, train_r3.py's docstring), presets applied."""
-    p = argparse.ArgumentParser(description=description, epilog=LIMITS,
+    p = cli.ArgumentParser(description=description, epilog=LIMITS,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="countdown", choices=tasks.TASK_NAMES)
     p.add_argument("--source", default=None, help="task data: a built-in source name, a local file or a Hub id "

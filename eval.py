@@ -35,7 +35,7 @@ TRIES = ("t1", "t2")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="countdown", choices=tasks.TASK_NAMES)
     p.add_argument("--source", default=None, help=f"task data (defaults: {tasks.DEFAULT_SOURCE})")
     p.add_argument("--model", default="smollm2-135m", help="embedded model, Hub id, local dir or .gguf file")

@@ -24,7 +24,6 @@ tokens against HF generate).
 
     python sample.py --prompt "Write a haiku about the sea." --chat --n 2
 """
-import argparse
 import functools
 import hashlib
 import os
@@ -350,7 +349,7 @@ def validate(args):
 
 def main():
     from model import DEFAULT_MODEL, chat_prompt_ids, load_model, resolve_adapter, stop_token_ids
-    p = argparse.ArgumentParser(description="Print sampled completions of a prompt.")
+    p = cli.ArgumentParser(description="Print sampled completions of a prompt.")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model, Hub id, local dir or .gguf file")
     p.add_argument("--adapter", default=None, help="a run directory (its latest checkpoint, e.g. runs/countdown-r3), "

@@ -123,7 +123,7 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--evals", required=True, help="eval.py's --out directory")
     p.add_argument("--runs", required=True, help="the directory holding the runs (start, r3-s1, grpo-s1, ...)")
     p.add_argument("--out", required=True, help="output prefix: writes <out>.md and <out>.png")

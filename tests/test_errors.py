@@ -391,11 +391,17 @@ def test_a_locked_run_directory_is_refused_and_a_killed_lock_does_not_block(run_
 
 
 def test_errors_through_the_real_command(tiny_model_dir, tmp_path):
-    """The same rules in a real process: argparse's own errors keep its usage line; ours are one line.
-    Run in a directory of its own, so nothing of the checkout (runs/, evals/) is read or written."""
+    """The same rules in a real process, argparse's own refusals (an unknown choice, a missing value or
+    flag) included: one line. Run in a directory of its own, so nothing of the checkout is read or written."""
     (tmp_path / "a-file").write_text("keep me")
     for script, argv, message in [
         ("train_r3.py", ["--steps", "0"], "--steps"),
+        ("train_r3.py", ["--task", "nope"], "invalid choice: 'nope'"),
+        ("train_r3.py", ["--retry-reward", "bigger"], "--retry-reward"),
+        ("eval.py", ["--n"], "--n: expected one argument"),
+        ("sample.py", [], "required: --prompt"),
+        ("export.py", ["runs/x"], "required: --out"),
+        ("examples/report.py", ["--evals", "e"], "required: --runs, --out"),
         ("eval.py", ["--n", "1", "--out", "a-file"], "--out"),
         ("sample.py", ["--prompt", "", "--model", str(tiny_model_dir)], "--prompt"),
     ]:
