@@ -50,8 +50,8 @@ def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: f
     so a repeat, a change for the worse and a change that fails the same way earn 0. Clamped, this is not
     SCoRe's r2 - r1 shift, which group normalisation would cancel: every retry of a group follows the same
     attempt. no-worse: the retry's own reward, or 0 if it is below the attempt's, so a change that trades a
-    near miss for a broken rule earns nothing while a new near miss keeps its credit. All three but the
-    verifier's are ours."""
+    near miss for a broken rule earns nothing while a new near miss keeps its credit. repeat_reward and
+    both rules are ours."""
     if repeated and not verdict.correct and repeat_reward is not None:
         return repeat_reward
     if rule == "progress":
