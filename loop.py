@@ -54,11 +54,12 @@ def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: f
     both rules are ours."""
     if repeated and not verdict.correct and repeat_reward is not None:
         return repeat_reward
+    earned = reward(verdict, kind)
     if rule == "progress":
-        return max(0.0, reward(verdict, kind) - reward(attempt, kind))
+        return max(0.0, earned - reward(attempt, kind))
     if rule == "no-worse":
-        return reward(verdict, kind) if reward(verdict, kind) >= reward(attempt, kind) else 0.0
-    return reward(verdict, kind)
+        return earned if earned >= reward(attempt, kind) else 0.0
+    return earned
 
 
 # ---------------------------------------------------------------------------------------------- seeds and batches

@@ -147,9 +147,10 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     turns, verdicts, info = make(model, tok, args, queries, seeds)
     # R3: the retry's verdict; --repeat-reward for a retry that repeats the failed attempt; --retry-reward
     # progress / no-worse: the retry against that attempt
-    repeat_reward = args.repeat_reward if method == "r3" else None
+    # (a warm-up step is GRPO inside an R3 run: it has no retry, so neither applies)
+    repeat_reward, rule = (args.repeat_reward, args.retry_reward) if method == "r3" else (None, "verifier")
     before = info["attempt_verdicts"] or [None] * len(verdicts)
-    rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b, args.retry_reward)
+    rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b, rule)
                             for v, rep, b in zip(verdicts, info["repeat"] or [False] * len(verdicts), before)])
     G = args.group_size
     samples, signal = group_samples(turns, rewards, G, args.skip_flat_groups)

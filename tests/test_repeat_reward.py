@@ -111,13 +111,6 @@ PROGRESS = [
 ]
 
 
-@pytest.mark.parametrize("attempt, retry, kind, want", PROGRESS)
-def test_progress_reward_table(attempt, retry, kind, want):
-    before = tasks.verify("countdown", attempt, EX)
-    assert not before.correct
-    got = loop.retry_reward(tasks.verify("countdown", retry, EX), verifiers.same_answer("countdown", retry, attempt),
-                            kind, None, before, "progress")
-    assert got == pytest.approx(want)
 
 
 def test_progress_with_a_repeat_penalty_pays_the_penalty_for_a_repeat():
@@ -146,12 +139,15 @@ NO_WORSE = [
 ]
 
 
-@pytest.mark.parametrize("attempt, retry, kind, repeat_reward, want", NO_WORSE)
-def test_no_worse_reward_table(attempt, retry, kind, repeat_reward, want):
+@pytest.mark.parametrize("rule, attempt, retry, kind, repeat_reward, want",
+                         [("progress", a, r, k, None, w) for a, r, k, w in PROGRESS] +
+                         [("no-worse", *row) for row in NO_WORSE])
+def test_retry_rule_tables(rule, attempt, retry, kind, repeat_reward, want):
+    """--retry-reward progress and no-worse: each retry against its own failed attempt's verdict."""
     before = tasks.verify("countdown", attempt, EX)
     assert not before.correct
     got = loop.retry_reward(tasks.verify("countdown", retry, EX), verifiers.same_answer("countdown", retry, attempt),
-                            kind, repeat_reward, before, "no-worse")
+                            kind, repeat_reward, before, rule)
     assert got == pytest.approx(want)
 
 

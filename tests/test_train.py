@@ -372,3 +372,7 @@ def test_retry_reward_pays_each_retry_against_its_own_attempt(tiny_model_dir, tm
     cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, 1, args.micro_batch, 0)
     stats = train_r3.train_step(model, tok, None, args, cfg, queries, [5, 6], "r3", "partial")
     assert args.group_size == 4 and stats["reward"] == want
+    # an R3 run's warm-up steps are GRPO on first attempts: no retry, so the rule is not applied (and needs no
+    # attempt's verdict); every first attempt here earns the verifier's 0.25
+    warmup = train_r3.train_step(model, tok, None, args, cfg, queries, [5, 6], "grpo", "partial")
+    assert warmup["reward"] == [0.25] * 8
