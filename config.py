@@ -29,7 +29,7 @@ EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "rew
                       # R3 only: a repeated answer earns 0, and the first try trains beside the reflection
                       # (the 2026-12-02 experiment, docs/self_correction.md)
                       "repeat_reward": 0.0, "train_attempts": True}
-R3_ONLY = {"warmup_steps", "refresh_failures", "repeat_reward", "retry_reward", "train_attempts"}
+R3_ONLY = {"warmup_steps", "refresh_failures", "solvable_k", "repeat_reward", "retry_reward", "train_attempts"}
 # Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
 # q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
@@ -109,6 +109,10 @@ def parse_args(argv=None, description: str | None = None):
     p.add_argument("--refresh-failures", type=int, default=None, metavar="N", help="r3: rebuild the failure set "
                    "from the current policy every N R3 steps (0: once, as the paper; default 0, embedded model on "
                    f"countdown: {EMBEDDED_COUNTDOWN['refresh_failures']})")
+    p.add_argument("--solvable-k", type=int, default=0, metavar="K", help="r3: sample K first attempts per query for "
+                   "the failure set and keep only the queries the policy sometimes solves (some of the K fail and some "
+                   "pass: pass@K > 0), each with its first failed attempt, so a retry can succeed; the K samples count "
+                   "toward --token-budget (0: one attempt, kept if it fails, as the paper; ours; docs/self_correction.md)")
     p.add_argument("--token-budget", type=int, default=0, help="end the run after the step whose sampled tokens "
                    "bring its total to N (0: none); for comparisons at equal compute")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 10; embedded model on "
@@ -193,6 +197,7 @@ limits (checked before anything loads; a broken one is one error line, exit code
   --lr, --clip-eps: > 0; --temperature: > 0 (Re-ReST: >= 0); --kl-beta, --alpha, --beta1, --beta2,
   --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps, --warmup-steps,
   --refresh-failures, --token-budget, --micro-batch-tokens: >= 0; --repeat-reward (r3 only): at most 1;
+  --solvable-k (r3 only): 0 or at least 2;
   r3: --warmup-steps below --steps;
   every number finite
   --eval-size 0: no eval (--eval-every is then ignored); --out-dir, --source, --model and the other
@@ -213,7 +218,8 @@ def validate(args):
     at_least_1 = ["steps", "batch_size", "group_size", "micro_batch", "updates_per_batch", "save_every",
                   "train_size", "reflect_tokens", "k"]
     non_negative = ["eval_size", "eval_every", "sft_epochs", "alpha", "beta1", "beta2", "stage1_beta_t2",
-                    "temperature", "warmup_steps", "refresh_failures", "token_budget", "micro_batch_tokens"]
+                    "temperature", "warmup_steps", "refresh_failures", "solvable_k", "token_budget",
+                    "micro_batch_tokens"]
     optional = [("max_new_tokens", 1), ("lora_r", 1), ("lora_alpha", 1)]  # None: the per-method default
     rules = [(name, getattr(a, name), getattr(a, name) >= 1, "at least 1") for name in at_least_1]
     rules += [(name, getattr(a, name), getattr(a, name) >= 0, ">= 0") for name in non_negative]
@@ -229,9 +235,11 @@ def validate(args):
     if a.group_size < 2 and rl_method:
         raise cli.UsageError(f"--group-size must be at least 2 for {a.method}: a group of one has no advantage "
                              f"(its reward minus its own mean), so nothing would be learned; got {a.group_size}")
-    if a.method != "r3" and (a.warmup_steps or a.refresh_failures):
-        raise cli.UsageError("--warmup-steps and --refresh-failures are R3's (its phases); "
-                             f"--method {a.method} has neither")
+    if a.method != "r3" and (a.warmup_steps or a.refresh_failures or a.solvable_k):
+        raise cli.UsageError("--warmup-steps, --refresh-failures and --solvable-k are R3's (its phases and its "
+                             f"failure set); --method {a.method} has none of them")
+    if a.solvable_k == 1:
+        raise cli.UsageError("--solvable-k must be 0 (off) or at least 2: one sample cannot both fail and pass")
     if a.method != "r3" and a.repeat_reward is not None:
         raise cli.UsageError(f"--repeat-reward is R3's (a retry that repeats the failed attempt); --method "
                              f"{a.method} has no retry")
@@ -261,7 +269,7 @@ def header(args) -> str:
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
     keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_reward", "repeat_reward", "train_attempts", "skip_flat_groups",
-                    "warmup_steps", "warmup_reward", "refresh_failures"], "grpo": ["kl_beta", "skip_flat_groups"],
+                    "warmup_steps", "warmup_reward", "refresh_failures", "solvable_k"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]
     return "run: " + " ".join(f"{k}={getattr(args, k)}" for k in keys)

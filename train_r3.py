@@ -51,23 +51,32 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int,
     and the tokens that sampling cost. Cached in the run directory (with what made it) and reused by
     later runs that match, so a resumed run trains on the same set as an uninterrupted one."""
     path = args.out_dir / ("failures.jsonl" if at_step == 0 else f"failures-step{at_step:06d}.jsonl")
+    k = args.solvable_k  # 0: one attempt per query, kept if it fails (the paper's)
     meta = {"model": args.model, "task": args.task, "source": args.source, "seed": args.seed,
             "n": len(train), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-            "init_adapter": args.init_adapter, "at_step": at_step}
+            "init_adapter": args.init_adapter, "at_step": at_step,
+            **({"solvable_k": k} if k else {})}  # only when set: caches written before the flag stay valid
     cached = read_failures(path, meta, rank)
     if cached is not None:
         return cached
     mine = loop.my_share(list(range(len(train))), rank, size)
     seeds = [mix_seed(args.seed, FAILURE_SET_TAG + at_step, i) for i in mine]  # by query, not by rank
-    with rollout.progress(f"failure set: first attempts on {len(train)} queries (after step {at_step})"):
+    n = max(k, 1)
+    with rollout.progress(f"failure set: {n} first attempt(s) on each of {len(train)} queries (after step {at_step})"):
         turns = rollout.attempt(model, tok, args.task, [train[i] for i in mine], Gen(args.max_new_tokens,
-                                args.temperature, seed=seeds))
-    rows = [(i, {"example": train[i], "attempt": t.text}) for i, t in zip(mine, turns) if not t.verdict.correct]
+                                args.temperature, seed=seeds), n=n)
+    rows = []
+    for j, i in enumerate(mine):
+        failed = [t for t in turns[j * n:(j + 1) * n] if not t.verdict.correct]
+        # --solvable-k: a query every sample fails gives retries that almost never pass, so no reward says
+        # which reflection helped; one every sample passes has no failure to reflect on
+        if failed and (not k or len(failed) < n):
+            rows.append((i, {"example": train[i], "attempt": failed[0].text}))
     rows = [row for _, row in sorted(rl.gather(rows), key=lambda r: r[0])]
     tokens = sum(rl.gather([sum(len(t.ids) for t in turns)]))
     if rank == 0:
-        print(f"failure set after step {at_step}: {len(rows)} of {len(train)} first attempts failed; "
-              f"cached in {path}")
+        kept = f"both failed and passed in {k} samples (pass@{k} > 0)" if k else "first attempts failed"
+        print(f"failure set after step {at_step}: {len(rows)} of {len(train)} {kept}; cached in {path}")
         tmp = path.with_suffix(".tmp")
         tmp.write_text("\n".join(json.dumps(r) for r in [{**meta, "tokens": tokens}] + rows) + "\n")
         os.replace(tmp, path)
@@ -187,6 +196,10 @@ def r3_phases(model, tok, optimizer, args, cfg, train: list[dict], rank: int, si
         if at not in current:
             current.clear()  # one set in memory at a time
             current[at] = failure_dataset(model, tok, args, train, rank, size, at)
+            if not current[at][0] and args.solvable_k:
+                raise cli.UsageError(f"after step {at} no query both failed and passed in --solvable-k "
+                                     f"{args.solvable_k} samples: no failures to learn from (try a larger "
+                                     "--solvable-k or --train-size, or --solvable-k 0)")
             if not current[at][0]:
                 raise cli.UsageError(f"after step {at} every first attempt passed: no failures to learn from "
                                      "(try a harder --source)")
