@@ -91,6 +91,9 @@ def steps(run_dir) -> list[int]:
     (["--retry-reward", "progress"], "--reflect-prompt are R3's"), (["--train-attempts"], "--reflect-prompt are R3's"),
     (["--reflect-prompt", "candidate"], "--reflect-prompt are R3's"),
     (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
+    (["--solvable-k", "2"], "--solvable-k are R3's"), (["--method", "r3", "--solvable-k", "-1"], "--solvable-k"),
+    (["--method", "r3", "--solvable-k", "1"], "--solvable-k must be 0 (off) or at least 2"),
+    (["--method", "r3", "--steps", "4", "--solvable-k", "2"], "--solvable-k 0"),  # its failure set stays
 ])
 def test_train_flags(flags, message, finished_run, tiny_model_dir, tmp_path, capsys):
     run = tmp_path / "run"

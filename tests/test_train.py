@@ -56,7 +56,7 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
     assert any(v.abs().sum() > 0 for k, v in adapter_weights(run).items() if "lora_B" in k)
 
 
-@pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2"],
+@pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2", "--solvable-k", "2"],
                                     ["--reward", "partial", "--repeat-reward", "-0.5"],
                                     ["--reward", "partial", "--retry-reward", "progress", "--train-attempts"],
                                     ["--reward", "partial", "--retry-reward", "no-worse", "--repeat-reward", "-0.5",
@@ -65,7 +65,8 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
 def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases):
     """Killed after a checkpoint at step 3-5 and resumed: the uninterrupted run's steps, rewards, failure
     sets and weights. With phases: GRPO warm-up steps 1-2, then R3 on a failure set built after step 2
-    and rebuilt after step 4, so the kill lands between a set's build and its rebuild. With
+    and rebuilt after step 4, so the kill lands between a set's build and its rebuild; both sets keep the
+    queries one of 2 samples fails and the other passes (--solvable-k 2). With
     --repeat-reward: retries that repeat their attempt (scripted: a third) earn -0.5, before and after.
     --retry-reward progress --train-attempts: retries earn their gain over the attempt (scripted: some
     failures earn partial credit), and first attempts are sampled and trained in the same steps.
@@ -316,6 +317,36 @@ def test_reflect_prompt_is_what_r3_steps_and_evals_ask_for(tiny_model_dir, tmp_p
     assert len(asked) > 1 and set(asked) == {prompt}
     assert f"reflect_prompt={prompt}" in capsys.readouterr().out
     assert json.loads((run / "args.json").read_text())["reflect_prompt"] == prompt
+
+
+@pytest.mark.parametrize("k", [0, 3])
+def test_failure_set_keeps_the_queries_some_samples_solve(tiny_model_dir, tmp_path, monkeypatch, k):
+    """--solvable-k K: K first attempts per query; a query is kept iff some of them fail and some pass, with
+    its first failed attempt, and every sample's tokens count. 0: one attempt, kept iff it fails (the paper's),
+    and the cache's header is the one written before the flag existed."""
+    import rollout
+    import model as model_lib
+    monkeypatch.setattr(tasks, "verify", scripted_verify)  # crc32 parity: about half of the samples pass
+    args = train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "run", "--solvable-k", str(k)))
+    args.out_dir.mkdir()
+    model, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+    train = tasks.load_examples("countdown", "train", n=12, seed=0)
+    sampled, real = [], rollout.attempt
+    monkeypatch.setattr(rollout, "attempt", lambda *a, **kw: sampled.extend(turns := real(*a, **kw)) or turns)
+    rows, tokens = train_r3.failure_dataset(model, tok, args, train, 0, 1)
+    n = max(k, 1)
+    assert len(sampled) == n * len(train) and tokens == sum(len(t.ids) for t in sampled)
+    want, dropped = [], []
+    for i, ex in enumerate(train):
+        failed = [t.text for t in sampled[i * n:(i + 1) * n] if not t.verdict.correct]
+        (want if failed and (k == 0 or len(failed) < n) else dropped).append({"example": ex, "attempt": (failed or [""])[0]})
+    assert rows == want and want and dropped  # the filter kept some queries and dropped others
+    if k:  # queries every sample failed were dropped too, not only the ones every sample passed
+        assert any(d["attempt"] for d in dropped)
+    head = json.loads((args.out_dir / "failures.jsonl").read_text().splitlines()[0])
+    assert head.get("solvable_k") == (k or None) and head["tokens"] == tokens
+    sampled.clear()
+    assert train_r3.failure_dataset(model, tok, args, train, 0, 1) == (rows, tokens) and not sampled  # cached
 
 
 @pytest.mark.parametrize("train_attempts", [False, True])
