@@ -10,7 +10,8 @@ R3, per step: take failed first attempts from the failure dataset; sample a grou
 for each; retry once after each reflection; reward = the verifier on the retry; GRPO on the
 reflection tokens only. GRPO: sample G first attempts; reward = the verifier; GRPO on the attempts.
 Ours, not the paper's (flags; on by default only for the embedded model on countdown, config.EMBEDDED_COUNTDOWN):
-a GRPO warm-up before the R3 steps, and a failure set rebuilt as the policy improves.
+a GRPO warm-up before the R3 steps, and a failure set rebuilt as the policy improves (on the recipe), or kept to
+the queries the policy sometimes solves (--solvable-k, off by default).
 """
 import json
 import os
