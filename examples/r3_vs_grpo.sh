@@ -31,6 +31,7 @@
 #   ARMS="r3-anchor-progress r3-anchor-repeat0 r3 grpo" COMPARE="r3-anchor-repeat0,grpo;r3-anchor-progress,grpo;r3-anchor-repeat0,r3;r3,grpo" \
 #       bash examples/r3_vs_grpo.sh   # the 2026-12-02 run (its 4 arms)
 #   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 bash examples/r3_vs_grpo.sh
+# COMPARE: the pairs whose differences get intervals; CURVES: the arms in the PNG (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/r3-vs-grpo}; EVALS=${EVALS:-evals/r3-vs-grpo}; REPORT=${REPORT:-docs/r3_vs_grpo}
@@ -91,4 +92,4 @@ for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now,
     fi
 } | parallel
 python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-b8,r3-repeat0,r3,grpo,score,rerest" \
-    --compare "${COMPARE:-r3-anchor-repeat0,grpo;r3-anchor-repeat0,r3;r3,grpo}"
+    --compare "${COMPARE:-r3-anchor-repeat0,grpo;r3-anchor-repeat0,r3;r3,grpo}" ${CURVES:+--curves "$CURVES"}

@@ -130,6 +130,8 @@ def main(argv=None):
     p.add_argument("--order", default="base model,start,r3,grpo,score,rerest", help="row order (labels)")
     p.add_argument("--compare", default="r3,grpo", help="pairs of arms whose acc@t1 and acc@t2 differences get "
                    "an interval, ';' between pairs: 'r3-repeat0,grpo;r3-repeat0,r3'")
+    p.add_argument("--curves", default=None, help="the arms drawn in the PNG, ',' between labels (default: every "
+                   "arm; a dozen arms crowd the plot)")
     p.add_argument("--bootstrap", type=int, default=2000)
     args = p.parse_args(argv)
     evals, runs, out = Path(args.evals), Path(args.runs), Path(args.out)
@@ -183,7 +185,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
     print(table)
-    plot(runs, order, out.with_suffix(".png"))
+    plot(runs, order, out.with_suffix(".png"), args.curves.split(",") if args.curves else None)
 
 
 def fixes_per_seed(seeds: dict[int, dict], ids: list[str]) -> str:
@@ -231,21 +233,21 @@ def seed_band(curves: list[tuple[list[float], list[float]]], points: int = 60):
     return grid, ys.mean(0), ys.min(0), ys.max(0)
 
 
-def plot(runs: Path, order: list[str], path: Path):
+def plot(runs: Path, order: list[str], path: Path, only: list[str] | None = None):
     """Training curves against sampled tokens, one per arm: the mean over its seeds of each run's rolling
     mean over SMOOTH steps, a band from the lowest to the highest seed, and the seeds' raw steps as faint
-    dots (an arm of one run: its raw steps and its rolling mean)."""
+    dots (an arm of one run: its raw steps and its rolling mean). only: the arms to draw (None: all)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    everyone = arm_curves(runs, "solved")
+    everyone = {k: v for k, v in arm_curves(runs, "solved").items() if only is None or k in only}
     colors = {label: f"C{n}" for n, label in enumerate([x for x in order if x in everyone] +
                                                       sorted(set(everyone) - set(order)))}  # one per arm
     for ax, key, title in zip(axes, ("solved", "signal_frac", "repeat_frac"),
                               ("training: fraction of sampled answers that pass", "groups with signal",
                                "R3: retries that repeat the failed answer")):
-        arms = arm_curves(runs, key)
+        arms = {k: v for k, v in arm_curves(runs, key).items() if k in everyone}
         labels = [x for x in order if x in arms] + sorted(set(arms) - set(order))
         for label in labels:
             curves, color = arms[label], colors.get(label, "C9")
@@ -266,7 +268,7 @@ def plot(runs: Path, order: list[str], path: Path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    print(f"wrote {path}")
+    print(f"wrote {path}: curves of {', '.join(x for x in order if x in everyone) or 'no arm'}")
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def test_table_rows_intervals_and_the_arm_difference(tmp_path):
     assert fixes[0].endswith("| <answer> 3 </answer> (right) |") and "Fixes, grpo" not in table
 
 
-def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path):
+def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path, capsys):
     """Of 4 failed first tries ("1 + 2"): retries "1 + 2" (word for word), "2+1" (equivalent), "1 * 2" and
     no answer; reflections "try 1 * 2" (a new candidate), "1 + 2" (the same one), and two without one."""
     evals, runs = tmp_path / "evals", tmp_path / "runs"
@@ -59,6 +59,8 @@ def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path):
     reflections = ["try 1 * 2", "it was 1 + 2", "think again", "use other numbers"]
     for run in ("a-s1", "b-s1"):
         (runs / run / "ckpt-000001" / "adapter").mkdir(parents=True)
+        (runs / run / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train", "solved": 0.5,
+                                                              "signal_frac": 1.0, "tokens_total": 1000}) + "\n")
         lines = [json.dumps({"config": {"adapter": str(runs / run / "ckpt-000001/adapter"), "task": "countdown"}})]
         for i, (retry, reflection) in enumerate(zip(retries, reflections)):
             lines.append(json.dumps({"id": f"p{i}", "t1": {"correct": False, "error": "missed_target",
@@ -72,6 +74,10 @@ def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path):
     row = next(line for line in table.splitlines() if line.startswith("| a | "))
     assert row.split(" | ")[7:10] == ["25% of 4", "50% of 4", "25% of 4"]
     assert "a − b, acc@t2: +0.0 points" in table and "b − a, acc@t2: +0.0 points" in table
+    # --curves: the PNG draws the arms named (it says which), not every arm
+    report.main(["--evals", str(evals), "--runs", str(runs), "--out", str(tmp_path / "out"), "--bootstrap", "50",
+                 "--curves", "b"])
+    assert "out.png: curves of b\n" in capsys.readouterr().out
 
 
 def test_interval_is_the_middle_95_percent():
