@@ -108,6 +108,20 @@ def test_train_flags(flags, message, finished_run, tiny_model_dir, tmp_path, cap
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("passes, flags, message", [
+    (True, [], "every first attempt passed: no failures to learn from (try a harder --source)"),
+    (True, ["--solvable-k", "2"], "no query both failed and passed in --solvable-k 2 samples"),
+    (False, ["--solvable-k", "3"], "no query both failed and passed in --solvable-k 3 samples"),
+])
+def test_an_empty_failure_set_is_one_line(passes, flags, message, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """A failure set with nothing in it (every attempt passes, or with --solvable-k none both fails and passes)."""
+    import tasks
+    from verifiers import Verdict
+    monkeypatch.setattr(tasks, "verify", lambda task, text, ex: Verdict(passes, None if passes else "format"))
+    argv = train_args(tiny_model_dir, tmp_path / "run", "--method", "r3", *flags)
+    assert message in fails_with_one_line(train_r3.main, argv, capsys)
+
+
 def test_train_out_dir_that_is_a_file_or_under_one(tiny_model_dir, tmp_path, capsys):
     f = tmp_path / "a-file"
     f.write_text("keep me")
