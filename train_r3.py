@@ -48,8 +48,8 @@ FAILURE_SET_TAG = 1 << 40  # a seed stream of its own for the failure set's firs
 def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int,
                     at_step: int = 0) -> tuple[list[dict], int]:
     """R3's training set: the queries whose sampled first attempt fails (--solvable-k K: some of K fail and
-    some pass), each with its failed attempt, in the order of train, sampled by the policy as it is after at_step steps (0: before training, the paper's);
-    and the tokens that sampling cost. Cached in the run directory (with what made it) and reused by
+    some pass), each with its failed attempt, in the order of train, sampled by the policy as it is after
+    at_step steps (0: before training, the paper's); and the tokens that sampling cost. Cached in the run directory (with what made it) and reused by
     later runs that match, so a resumed run trains on the same set as an uninterrupted one."""
     path = args.out_dir / ("failures.jsonl" if at_step == 0 else f"failures-step{at_step:06d}.jsonl")
     k = args.solvable_k  # 0: one attempt per query, kept if it fails (the paper's)
