@@ -169,6 +169,14 @@ def main(argv=None):
             lo, hi = interval([d[ka][name] - d[kb][name] for d in draws])
             verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
             lines += ["", f"{a} − {b}, {name}: {diff:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] ({verdict})"]
+    training = [(label, training_passes(runs, label)) for label in order]
+    if any(t for _, t in training):
+        lines += ["", "Training, R3 steps with --train-attempts (mean over steps and seeds): how often a retry after a "
+                  "reflection passes, against a fresh first try of the same failed queries sampled in the same step.",
+                  "", "| row | R3 steps | retry passes | fresh first try passes | retry repeats the failed answer |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {label} | {t['steps']} | {t['retry']:.1%} | {t['fresh']:.1%} | {t['repeat']:.0%} |"
+                  for label, t in training if t]
     lines += ["", "\"retry = first try\": of the failed first tries, the share whose second try repeated it word "
               "for word; \"retry repeats first try's answer\": the same or an equivalent answer "
               "(verifiers.same_answer); \"reflection names a new candidate\": the reflection holds an answer (for "
@@ -202,6 +210,19 @@ def train_tokens(runs: Path, label: str) -> str:
                 if (run / "metrics.jsonl").is_file() else []
             totals += [r["tokens_total"] for r in lines[-1:] if "tokens_total" in r]
     return f"{sum(totals) / len(totals):,.0f}" if totals else "—"
+
+
+def training_passes(runs: Path, label: str) -> dict | None:
+    """The label's R3 steps that also sampled fresh first tries (--train-attempts): their count and the means
+    of the retries' pass rate ("solved"), the fresh first tries' ("attempt_solved") and the repeat share."""
+    steps = [r for run in sorted(runs.iterdir()) if (run / "metrics.jsonl").is_file() and
+             (run.name == label or re.fullmatch(re.escape(label) + r"-s\d+", run.name))
+             for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))
+             if r.get("kind") == "train" and r.get("phase") == "r3" and "attempt_solved" in r]
+    if not steps:
+        return None
+    mean = lambda key: sum(r[key] for r in steps) / len(steps)  # noqa: E731
+    return {"steps": len(steps), "retry": mean("solved"), "fresh": mean("attempt_solved"), "repeat": mean("repeat_frac")}
 
 
 SMOOTH = 3  # steps in each run's rolling mean (an R3 arm has only 8-9 steps per seed)

@@ -59,8 +59,10 @@ def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path, capsys):
     reflections = ["try 1 * 2", "it was 1 + 2", "think again", "use other numbers"]
     for run in ("a-s1", "b-s1"):
         (runs / run / "ckpt-000001" / "adapter").mkdir(parents=True)
-        (runs / run / "metrics.jsonl").write_text(json.dumps({"step": 1, "kind": "train", "solved": 0.5,
-                                                              "signal_frac": 1.0, "tokens_total": 1000}) + "\n")
+        step = {"step": 1, "kind": "train", "solved": 0.5, "signal_frac": 1.0, "tokens_total": 1000}
+        r3 = [{**step, "phase": "r3", "solved": solved, "attempt_solved": fresh, "repeat_frac": 0.25}
+              for solved, fresh in ((0.0, 0.5), (0.5, 1.0))] if run == "a-s1" else [step]  # b: no fresh first tries
+        (runs / run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in r3))
         lines = [json.dumps({"config": {"adapter": str(runs / run / "ckpt-000001/adapter"), "task": "countdown"}})]
         for i, (retry, reflection) in enumerate(zip(retries, reflections)):
             lines.append(json.dumps({"id": f"p{i}", "t1": {"correct": False, "error": "missed_target",
@@ -74,6 +76,8 @@ def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path, capsys):
     row = next(line for line in table.splitlines() if line.startswith("| a | "))
     assert row.split(" | ")[7:10] == ["25% of 4", "50% of 4", "25% of 4"]
     assert "a − b, acc@t2: +0.0 points" in table and "b − a, acc@t2: +0.0 points" in table
+    # training: a's retries passed 25% of the time against 75% for fresh first tries of the same queries
+    assert "| a | 2 | 25.0% | 75.0% | 25% |" in table and "| b | " not in table.split("Training, R3 steps")[1]
     # --curves: the PNG draws the arms named (it says which), not every arm
     report.main(["--evals", str(evals), "--runs", str(runs), "--out", str(tmp_path / "out"), "--bootstrap", "50",
                  "--curves", "b"])
