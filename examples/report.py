@@ -28,6 +28,8 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
     and seed evaluated more than once (eval.py's code changed, so its results went to a new file) counts
     once: the newest file."""
     rows, newest = {}, {}
+    for found in (RECORDS, TASK, EVALUATED):  # what an earlier call in this process read
+        found.clear()
     for path in sorted(evals.glob("results-*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name)):
         lines = path.read_text().splitlines()
         config = json.loads(lines[0])["config"]
@@ -40,6 +42,7 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
                 continue
             m = re.fullmatch(r"(.+)-s(\d+)", run.name)
             label, seed = (m.group(1), int(m.group(2))) if m else (run.name, 0)
+            EVALUATED.add(run.name)
         if len(lines) < 2:  # an eval that was started and stopped before its first chunk
             continue
         if (label, seed) in newest:
@@ -56,6 +59,8 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
 
 RECORDS = {}  # {label: {seed: [eval.py's per-example records]}}, for the repeats columns and the samples
 TASK = {}  # {label: its evals' task}
+EVALUATED = set()  # the run directories with eval results: the training columns and curves read only these,
+# so a run still training (not yet in the table) does not move them
 
 
 def share(label: str, keep) -> str:
@@ -202,10 +207,10 @@ def fixes_per_seed(seeds: dict[int, dict], ids: list[str]) -> str:
 
 
 def train_tokens(runs: Path, label: str) -> str:
-    """Mean sampled tokens of the label's training runs (the last metrics line's tokens_total)."""
+    """Mean sampled tokens of the label's evaluated training runs (the last metrics line's tokens_total)."""
     totals = []
     for run in runs.iterdir():
-        if run.name == label or re.fullmatch(re.escape(label) + r"-s\d+", run.name):
+        if run.name in EVALUATED and (run.name == label or re.fullmatch(re.escape(label) + r"-s\d+", run.name)):
             lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()] \
                 if (run / "metrics.jsonl").is_file() else []
             totals += [r["tokens_total"] for r in lines[-1:] if "tokens_total" in r]
@@ -215,7 +220,7 @@ def train_tokens(runs: Path, label: str) -> str:
 def training_passes(runs: Path, label: str) -> dict | None:
     """The label's R3 steps that also sampled fresh first tries (--train-attempts): their count and the means
     of the retries' pass rate ("solved"), the fresh first tries' ("attempt_solved") and the repeat share."""
-    steps = [r for run in sorted(runs.iterdir()) if (run / "metrics.jsonl").is_file() and
+    steps = [r for run in sorted(runs.iterdir()) if (run / "metrics.jsonl").is_file() and run.name in EVALUATED and
              (run.name == label or re.fullmatch(re.escape(label) + r"-s\d+", run.name))
              for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))
              if r.get("kind") == "train" and r.get("phase") == "r3" and "attempt_solved" in r]
@@ -233,7 +238,7 @@ def arm_curves(runs: Path, key: str) -> dict[str, list[tuple[list[float], list[f
     arms = {}
     for run in sorted(runs.iterdir()):
         metrics = run / "metrics.jsonl"
-        if not metrics.is_file():
+        if not metrics.is_file() or run.name not in EVALUATED:
             continue
         lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
         train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r and key in r]
