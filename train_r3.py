@@ -49,8 +49,9 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int,
                     at_step: int = 0) -> tuple[list[dict], int]:
     """R3's training set: the queries whose sampled first attempt fails (--solvable-k K: some of K fail and
     some pass), each with its failed attempt, in the order of train, sampled by the policy as it is after
-    at_step steps (0: before training, the paper's); and the tokens that sampling cost. Cached in the run directory (with what made it) and reused by
-    later runs that match, so a resumed run trains on the same set as an uninterrupted one."""
+    at_step steps (0: before training, the paper's); and the tokens that sampling cost. Cached in the run
+    directory (with what made it) and reused by later runs that match, so a resumed run trains on the same
+    set as an uninterrupted one."""
     path = args.out_dir / ("failures.jsonl" if at_step == 0 else f"failures-step{at_step:06d}.jsonl")
     k = args.solvable_k  # 0: one attempt per query, kept if it fails (the paper's)
     meta = {"model": args.model, "task": args.task, "source": args.source, "seed": args.seed,
@@ -197,13 +198,12 @@ def r3_phases(model, tok, optimizer, args, cfg, train: list[dict], rank: int, si
         if at not in current:
             current.clear()  # one set in memory at a time
             current[at] = failure_dataset(model, tok, args, train, rank, size, at)
-            if not current[at][0] and args.solvable_k:
-                raise cli.UsageError(f"after step {at} no query both failed and passed in --solvable-k "
-                                     f"{args.solvable_k} samples: no failures to learn from (try a larger "
-                                     "--solvable-k or --train-size, or --solvable-k 0)")
             if not current[at][0]:
-                raise cli.UsageError(f"after step {at} every first attempt passed: no failures to learn from "
-                                     "(try a harder --source)")
+                raise cli.UsageError(
+                    f"after step {at} no query both failed and passed in --solvable-k {args.solvable_k} samples: no "
+                    "failures to learn from (try a larger --solvable-k or --train-size, or --solvable-k 0)"
+                    if args.solvable_k else f"after step {at} every first attempt passed: no failures to learn from "
+                    "(try a harder --source)")
         return current[at][0]
 
     def step_fn(step: int, batch: list[dict], seeds: list[int]) -> dict:

@@ -59,7 +59,7 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
 
 RECORDS = {}  # {label: {seed: [eval.py's per-example records]}}, for the repeats columns and the samples
 TASK = {}  # {label: its evals' task}
-EVALUATED = set()  # the run directories with eval results: the training columns and curves read only these,
+EVALUATED = set()  # the run directories with eval results: run_metrics reads only these,
 # so a run still training (not yet in the table) does not move them
 
 
@@ -146,6 +146,7 @@ def main(argv=None):
     ids = sorted(set.intersection(*(set(r) for seeds in rows.values() for r in seeds.values())))
     order = [x for x in args.order.split(",") if x in rows] + sorted(set(rows) - set(args.order.split(",")))
     arms = [rows[label] for label in order]
+    metrics = run_metrics(runs)  # the evaluated runs' training lines (read_evals found them)
     draws = bootstrap(arms, ids, args.bootstrap, random.Random(0))
     lines = [f"{len(ids)} held-out problems, greedy, two tries (a failed first try: reflection, then retry); "
              f"95% bootstrap intervals over problems and seeds ({args.bootstrap} resamples). Accuracies in %.", "",
@@ -162,7 +163,7 @@ def main(argv=None):
         same = lambda r: verifiers.same_answer(task, r["t2"]["text"], r["t1"]["text"])  # noqa: E731
         lines.append(f"| {label} | {len(arms[k])} | " + " | ".join(cells) + f" | {share(label, word_for_word)} | "
                      f"{share(label, same)} | {share(label, new_candidate(task))} | {fixes_per_seed(arms[k], ids)} | "
-                     f"{train_tokens(runs, label)} |")
+                     f"{train_tokens(metrics.get(label, []))} |")
     pairs = [pair.split(",") for pair in args.compare.split(";")]
     for a, b in pairs:
         if a not in rows or b not in rows:
@@ -174,7 +175,7 @@ def main(argv=None):
             lo, hi = interval([d[ka][name] - d[kb][name] for d in draws])
             verdict = "excludes 0" if lo > 0 or hi < 0 else "includes 0"
             lines += ["", f"{a} − {b}, {name}: {diff:+.1f} points, 95% interval [{lo:+.1f}, {hi:+.1f}] ({verdict})"]
-    training = [(label, training_passes(runs, label)) for label in order]
+    training = [(label, training_passes(metrics.get(label, []))) for label in order]
     if any(t for _, t in training):
         lines += ["", "Training, R3 steps with --train-attempts (mean over steps and seeds): how often a retry after a "
                   "reflection passes, against a fresh first try of the same failed queries sampled in the same step.",
@@ -198,7 +199,7 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table)
     print(table)
-    plot(runs, order, out.with_suffix(".png"), args.curves.split(",") if args.curves else None)
+    plot(metrics, order, out.with_suffix(".png"), args.curves.split(",") if args.curves else None)
 
 
 def fixes_per_seed(seeds: dict[int, dict], ids: list[str]) -> str:
@@ -206,45 +207,46 @@ def fixes_per_seed(seeds: dict[int, dict], ids: list[str]) -> str:
     return " / ".join(str(sum(not seeds[s][i][0] and seeds[s][i][1] for i in ids)) for s in sorted(seeds))
 
 
-def train_tokens(runs: Path, label: str) -> str:
-    """Mean sampled tokens of the label's evaluated training runs (the last metrics line's tokens_total)."""
-    totals = []
-    for run in runs.iterdir():
-        if run.name in EVALUATED and (run.name == label or re.fullmatch(re.escape(label) + r"-s\d+", run.name)):
-            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()] \
-                if (run / "metrics.jsonl").is_file() else []
-            totals += [r["tokens_total"] for r in lines[-1:] if "tokens_total" in r]
+def run_metrics(runs: Path) -> dict[str, list[list[dict]]]:
+    """{row label: [each evaluated run's metrics.jsonl lines, one list per seed]}, read once for the
+    training columns and the curves."""
+    metrics = {}
+    for run in sorted(runs.iterdir()):
+        if run.name in EVALUATED and (run / "metrics.jsonl").is_file():
+            lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+            metrics.setdefault(re.sub(r"-s\d+$", "", run.name), []).append(lines)
+    return metrics
+
+
+def train_tokens(seeds: list[list[dict]]) -> str:
+    """Mean sampled tokens of a row's training runs (each run's last metrics line's tokens_total)."""
+    totals = [r["tokens_total"] for lines in seeds for r in lines[-1:] if "tokens_total" in r]
     return f"{sum(totals) / len(totals):,.0f}" if totals else "—"
 
 
-def training_passes(runs: Path, label: str) -> dict | None:
-    """The label's R3 steps that also sampled fresh first tries (--train-attempts): their count and the means
+def training_passes(seeds: list[list[dict]]) -> dict | None:
+    """A row's R3 steps that also sampled fresh first tries (--train-attempts): their count and the means
     of the retries' pass rate ("solved"), the fresh first tries' ("attempt_solved") and the repeat share."""
-    steps = [r for run in sorted(runs.iterdir()) if (run / "metrics.jsonl").is_file() and run.name in EVALUATED and
-             (run.name == label or re.fullmatch(re.escape(label) + r"-s\d+", run.name))
-             for r in map(json.loads, filter(str.strip, (run / "metrics.jsonl").read_text().splitlines()))
+    steps = [r for lines in seeds for r in lines
              if r.get("kind") == "train" and r.get("phase") == "r3" and "attempt_solved" in r]
     if not steps:
         return None
     mean = lambda key: sum(r[key] for r in steps) / len(steps)  # noqa: E731
-    return {"steps": len(steps), "retry": mean("solved"), "fresh": mean("attempt_solved"), "repeat": mean("repeat_frac")}
+    return {"steps": len(steps), "retry": mean("solved"), "fresh": mean("attempt_solved"),
+            "repeat": mean("repeat_frac")}
 
 
 SMOOTH = 3  # steps in each run's rolling mean (an R3 arm has only 8-9 steps per seed)
 
 
-def arm_curves(runs: Path, key: str) -> dict[str, list[tuple[list[float], list[float]]]]:
+def arm_curves(metrics: dict[str, list[list[dict]]], key: str) -> dict[str, list[tuple[list[float], list[float]]]]:
     """{label: [(sampled tokens, key) per training step, one pair per seed's run]}."""
     arms = {}
-    for run in sorted(runs.iterdir()):
-        metrics = run / "metrics.jsonl"
-        if not metrics.is_file() or run.name not in EVALUATED:
-            continue
-        lines = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
-        train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r and key in r]
-        if train:
-            arms.setdefault(re.sub(r"-s\d+$", "", run.name), []).append(
-                ([r["tokens_total"] for r in train], [r[key] for r in train]))
+    for label, seeds in metrics.items():
+        for lines in seeds:
+            train = [r for r in lines if r.get("kind") == "train" and "tokens_total" in r and key in r]
+            if train:
+                arms.setdefault(label, []).append(([r["tokens_total"] for r in train], [r[key] for r in train]))
     return arms
 
 
@@ -259,7 +261,7 @@ def seed_band(curves: list[tuple[list[float], list[float]]], points: int = 60):
     return grid, ys.mean(0), ys.min(0), ys.max(0)
 
 
-def plot(runs: Path, order: list[str], path: Path, only: list[str] | None = None):
+def plot(metrics: dict[str, list[list[dict]]], order: list[str], path: Path, only: list[str] | None = None):
     """Training curves against sampled tokens, one per arm: the mean over its seeds of each run's rolling
     mean over SMOOTH steps, a band from the lowest to the highest seed, and the seeds' raw steps as faint
     dots (an arm of one run: its raw steps and its rolling mean). only: the arms to draw (None: all)."""
@@ -267,13 +269,13 @@ def plot(runs: Path, order: list[str], path: Path, only: list[str] | None = None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    everyone = {k: v for k, v in arm_curves(runs, "solved").items() if only is None or k in only}
+    everyone = {k: v for k, v in arm_curves(metrics, "solved").items() if only is None or k in only}
     colors = {label: f"C{n}" for n, label in enumerate([x for x in order if x in everyone] +
                                                       sorted(set(everyone) - set(order)))}  # one per arm
     for ax, key, title in zip(axes, ("solved", "signal_frac", "repeat_frac"),
                               ("training: fraction of sampled answers that pass", "groups with signal",
                                "R3: retries that repeat the failed answer")):
-        arms = {k: v for k, v in arm_curves(runs, key).items() if k in everyone}
+        arms = {k: v for k, v in arm_curves(metrics, key).items() if k in everyone}
         labels = [x for x in order if x in arms] + sorted(set(arms) - set(order))
         for label in labels:
             curves, color = arms[label], colors.get(label, "C9")

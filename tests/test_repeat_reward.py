@@ -111,8 +111,6 @@ PROGRESS = [
 ]
 
 
-
-
 def test_progress_with_a_repeat_penalty_pays_the_penalty_for_a_repeat():
     before = tasks.verify("countdown", "<answer> 2 * 3 * 3 </answer>", EX)
     repeat = tasks.verify("countdown", "<answer> 3 * 2 * 3 </answer>", EX)

@@ -339,7 +339,8 @@ def test_failure_set_keeps_the_queries_some_samples_solve(tiny_model_dir, tmp_pa
     want, dropped = [], []
     for i, ex in enumerate(train):
         failed = [t.text for t in sampled[i * n:(i + 1) * n] if not t.verdict.correct]
-        (want if failed and (k == 0 or len(failed) < n) else dropped).append({"example": ex, "attempt": (failed or [""])[0]})
+        kept = failed and (k == 0 or len(failed) < n)
+        (want if kept else dropped).append({"example": ex, "attempt": (failed or [""])[0]})
     assert rows == want and want and dropped  # the filter kept some queries and dropped others
     if k:  # queries every sample failed were dropped too, not only the ones every sample passed
         assert any(d["attempt"] for d in dropped)
