@@ -32,6 +32,7 @@ import cli
 import tasks
 
 TRIES = ("t1", "t2")
+DEFAULT_R3 = {"reflect_prompt": "approach", "retry_context": "conversation"}  # how r3's second try is asked for
 
 
 def parse_args(argv=None):
@@ -52,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--reflect-tokens", type=int, default=64, help="reflection length (r3)")
     p.add_argument("--reflect-prompt", default=None, choices=sorted(tasks.REFLECT_PROMPTS), help="what the reflection "
                    "is asked for (r3; train_r3.py --help). Default: as the adapter's run was trained, else approach")
+    p.add_argument("--retry-context", default=None, choices=tasks.RETRY_CONTEXTS, help="what the retry sees (r3; "
+                   "train_r3.py --help). Default: as the adapter's run was trained, else conversation")
     p.add_argument("--batch-size", type=int, default=64,
                    help="examples per chunk (sampled together, then saved; at least 1); wide batches decode "
                         "faster per token")
@@ -184,7 +187,8 @@ def run_column(model, tok, examples: list[dict], config: dict, out: Path, batch_
             # keep=True: the second try continues the first's cache
             first = rollout.attempt(model, tok, config["task"], chunk, answer, keep=True)
             second, reflections = rollout.second_try(model, tok, config["task"], chunk, first, config["method"],
-                                                     answer, reflect, retry, config.get("reflect_prompt", "approach"))
+                                                     answer, reflect, retry, config.get("reflect_prompt", "approach"),
+                                                     config.get("retry_context", "conversation"))
             seconds = (time.perf_counter() - t0) / len(chunk)
             rows = []
             for ex, a, b, r in zip(chunk, first, second, reflections):
@@ -226,8 +230,9 @@ def validate(args):
                       "at least 1"),
                      ("--reflect-tokens", args.reflect_tokens, args.reflect_tokens >= 1, "at least 1"),
                      ("--temperature", args.temperature, args.temperature >= 0, ">= 0")])
-    if args.method == "score" and args.reflect_prompt is not None:
-        raise cli.UsageError("--reflect-prompt is r3's: --method score's second try has no reflection")
+    if args.method == "score" and (args.reflect_prompt is not None or args.retry_context is not None):
+        raise cli.UsageError("--reflect-prompt and --retry-context are r3's: --method score's second try has no "
+                             "reflection")
     cli.writable_dir(args.out, "--out")
 
 
@@ -244,12 +249,12 @@ def main(argv=None):
     if not args.load_in_4bit and trained.get("load_in_4bit") == "True":
         args.load_in_4bit = True
         print(f"eval: {adapter} was trained on a 4-bit base (its run's args.json): scoring it with --4bit, as trained")
-    if args.reflect_prompt is None:  # the reflection the policy learned to write is the one asked for
-        args.reflect_prompt = trained.get("reflect_prompt") if trained.get("reflect_prompt") in tasks.REFLECT_PROMPTS \
-            else "approach"
-        if args.reflect_prompt != "approach" and args.method == "r3":
-            print(f"eval: {adapter} was trained with --reflect-prompt {args.reflect_prompt} (its run's args.json): "
-                  "asking for its reflections so")
+    for flag, choices in (("reflect_prompt", tasks.REFLECT_PROMPTS), ("retry_context", tasks.RETRY_CONTEXTS)):
+        if getattr(args, flag) is None:  # the policy is asked for its second tries as it learned to write them
+            setattr(args, flag, trained.get(flag) if trained.get(flag) in choices else DEFAULT_R3[flag])
+            if getattr(args, flag) != DEFAULT_R3[flag] and args.method == "r3":
+                print(f"eval: {adapter} was trained with --{flag.replace('_', '-')} {getattr(args, flag)} (its run's "
+                      "args.json): asking for its second tries so")
     from loop import TASK_TOKENS, fit_context
     examples = tasks.load_examples(args.task, "test", source=args.source, n=args.n, seed=args.seed)
     if not examples:
@@ -265,8 +270,8 @@ def main(argv=None):
             "reflect_tokens": args.reflect_tokens, "seed": args.seed,
             "code": files_hash(Path(__file__).parent / name for name in RESULT_CODE),
             **({"load_in_4bit": True} if args.load_in_4bit else {}),  # absent when off: older files keep their names
-            **({"reflect_prompt": args.reflect_prompt} if args.method == "r3" and args.reflect_prompt != "approach"
-               else {})}
+            **{flag: getattr(args, flag) for flag in DEFAULT_R3  # absent when default, as load_in_4bit
+               if args.method == "r3" and getattr(args, flag) != DEFAULT_R3[flag]}}
     configs = {}
     if adapter is None or args.compare:
         configs["base"] = base
@@ -282,7 +287,7 @@ def main(argv=None):
     caption = (f"{args.task} ({base['source']}, {len(examples)} held-out examples), method {args.method}, "
                f"model {args.model}" + (" (4-bit NF4)" if args.load_in_4bit else "") +
                (f", adapter {adapter}" if adapter else "") +
-               (f", --reflect-prompt {args.reflect_prompt}" if "reflect_prompt" in base else "") +
+               "".join(f", --{flag.replace('_', '-')} {base[flag]}" for flag in DEFAULT_R3 if flag in base) +
                f", temperature {args.temperature}")
     stem = out / f"summary-{config_hash(configs)}"
     stem.with_suffix(".json").write_text(json.dumps(

@@ -278,7 +278,8 @@ def evaluate(model, tok, args, test: list[dict], rank: int, size: int) -> dict:
     mode = "score" if args.method == "score" else "r3"
     with rollout.progress(f"eval: two tries on {len(test)} held-out examples", leave=False):
         first, second = rollout.two_tries(model, tok, args.task, my_share(test, rank, size), gen, mode,
-                                          Gen(args.reflect_tokens, temperature=0), args.reflect_prompt)
+                                          Gen(args.reflect_tokens, temperature=0), args.reflect_prompt,
+                                          args.retry_context)
     model.train()
     t1 = rl.gather([t.verdict.correct for t in first])
     t2 = rl.gather([t.verdict.correct for t in second])

@@ -128,20 +128,24 @@ def attempt(model, tok, task: str, examples: list[dict], gen: Gen, n: int = 1, k
 
 
 def reflect_and_retry(model, tok, task: str, examples: list[dict], attempts: list[Turn], reflect_gen: Gen,
-                      retry_gen: Gen, n_reflections: int = 1, reflect_prompt: str = "approach") -> list[Episode]:
+                      retry_gen: Gen, n_reflections: int = 1, reflect_prompt: str = "approach",
+                      retry_context: str = "conversation") -> list[Episode]:
     """R3 steps 2-3: after each failed attempt, n reflections (asked for as tasks.REFLECT_PROMPTS[reflect_prompt]
-    says), and after each reflection one retry.
-    Each continues the cache of the turn before it, where kept (attempt(keep=True)).
+    says), and after each reflection one retry, which sees the conversation or, with retry_context "reflection",
+    only the question and the reflection (tasks.retry_with_note_messages).
+    Each continues the cache of the turn before it, where kept (attempt(keep=True)) and where it is a continuation.
     Seeds as lists, one per attempt: attempt i's reflections are reflect_gen.seed[i]'s streams
     j = 0..n-1; the retry after reflection j gets the seed mix_seed(retry_gen.seed[i], j)."""
     G = n_reflections
     convs = [then(a.messages, a.text, tasks.reflect_instruction(task, reflect_prompt)) for a in attempts]
-    reflections = sample_turns(model, tok, convs, reflect_gen, G, take_pasts(attempts), keep=True)
-    retry_convs = [then(r.messages, r.text, tasks.retry_instruction(task, examples[i // G]))
+    fresh = retry_context == "reflection"
+    reflections = sample_turns(model, tok, convs, reflect_gen, G, take_pasts(attempts), keep=not fresh)
+    retry_convs = [tasks.retry_with_note_messages(task, examples[i // G], r.text) if fresh else
+                   then(r.messages, r.text, tasks.retry_instruction(task, examples[i // G]))
                    for i, r in enumerate(reflections)]
     if isinstance(retry_gen.seed, list):
         retry_gen = replace(retry_gen, seed=[mix_seed(s, j) for s in retry_gen.seed for j in range(G)])
-    retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen, 1, take_pasts(reflections)),
+    retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen, 1, None if fresh else take_pasts(reflections)),
                     [ex for ex in examples for _ in range(G)])
     return [Episode(ex, a, reflections[i * G:(i + 1) * G], retries[i * G:(i + 1) * G])
             for i, (ex, a) in enumerate(zip(examples, attempts))]
@@ -156,7 +160,7 @@ def correct(model, tok, task: str, examples: list[dict], attempts: list[Turn], g
 
 
 def second_try(model, tok, task: str, examples: list[dict], first: list[Turn], mode: str, gen: Gen,
-               reflect_gen: Gen, retry_gen: Gen, reflect_prompt: str = "approach"):
+               reflect_gen: Gen, retry_gen: Gen, reflect_prompt: str = "approach", retry_context: str = "conversation"):
     """The second try after first tries kept with keep=True: (second tries, the r3 reflection of each, None
     where none was written). r3: a failed try gets a reflection and a retry, a passed one stands;
     score: gen samples the correction on every example."""
@@ -165,7 +169,7 @@ def second_try(model, tok, task: str, examples: list[dict], first: list[Turn], m
     failed = [i for i, t in enumerate(first) if not t.verdict.correct]
     take_pasts([t for t in first if t.verdict.correct])  # a passed try is not continued
     episodes = reflect_and_retry(model, tok, task, [examples[i] for i in failed], [first[i] for i in failed],
-                                 reflect_gen, retry_gen, reflect_prompt=reflect_prompt)
+                                 reflect_gen, retry_gen, reflect_prompt=reflect_prompt, retry_context=retry_context)
     second, reflections = list(first), [None] * len(first)
     for i, ep in zip(failed, episodes):
         second[i], reflections[i] = ep.retries[0], ep.reflections[0]
@@ -173,9 +177,11 @@ def second_try(model, tok, task: str, examples: list[dict], first: list[Turn], m
 
 
 def two_tries(model, tok, task: str, examples: list[dict], gen: Gen, mode: str = "r3",
-              reflect_gen: Gen | None = None, reflect_prompt: str = "approach") -> tuple[list[Turn], list[Turn]]:
+              reflect_gen: Gen | None = None, reflect_prompt: str = "approach",
+              retry_context: str = "conversation") -> tuple[list[Turn], list[Turn]]:
     """The papers' evaluation: a first try on every example, then a second try (second_try); gen samples
     both tries."""
     first = attempt(model, tok, task, examples, gen, keep=True)
-    second, _ = second_try(model, tok, task, examples, first, mode, gen, reflect_gen or gen, gen, reflect_prompt)
+    second, _ = second_try(model, tok, task, examples, first, mode, gen, reflect_gen or gen, gen, reflect_prompt,
+                           retry_context)
     return first, second

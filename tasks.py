@@ -418,6 +418,19 @@ def retry_instruction(task: str, example: dict | None = None) -> str:
     return f"Now try the task again, using your reflection. {FORMAT[task]}"
 
 
+# What the retry sees (--retry-context). conversation: the whole conversation, the failed attempt included (the
+# paper); reflection: the first try's prompt again with the reflection as a note, so the failed answer is not
+# there to copy (ours; docs/self_correction.md).
+RETRY_CONTEXTS = ("conversation", "reflection")
+
+
+def retry_with_note_messages(task: str, example: dict, reflection: str) -> list[dict]:
+    """--retry-context reflection: the first-try messages, the question led by the reflection on a failed try."""
+    messages = first_attempt_messages(task, example)
+    note = f"A note from an earlier try at this, which was wrong: {' '.join(reflection.split())}\n\n"
+    return messages[:-1] + [{"role": "user", "content": note + messages[-1]["content"]}]
+
+
 def correction_instruction(task: str) -> str:
     """SCoRe's fixed second-attempt instruction: no feedback, only a request to check and rewrite."""
     _check_task(task)

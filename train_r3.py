@@ -117,7 +117,7 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
     episodes = rollout.reflect_and_retry(
         model, tok, args.task, examples, attempts, Gen(args.reflect_tokens, args.temperature, seed=seeds),
         Gen(args.max_new_tokens, args.temperature, seed=[mix_seed(s, 1) for s in seeds]), n_reflections=args.group_size,
-        reflect_prompt=args.reflect_prompt)
+        reflect_prompt=args.reflect_prompt, retry_context=args.retry_context)
     reflections = [r for ep in episodes for r in ep.reflections]
     verdicts = [t.verdict for ep in episodes for t in ep.retries]
     repeats = [verifiers.same_answer(args.task, t.text, q["attempt"]) for ep, q in zip(episodes, queries)

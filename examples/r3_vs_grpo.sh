@@ -22,11 +22,14 @@
 #                           (with 64 queries and 4 samples, r3-anchor-solvable's set shrank to 1-3 queries)
 #       r3-anchor-solvable-binary  r3-anchor-solvable-pool with --reward binary: no partial credit, so a retry that
 #                           drops a number (0.25) earns no more than a copy; the solvable set keeps the signal
+#       r3-anchor-note      r3-anchor-repeat0 with --retry-context reflection: the retry sees the question led by
+#                           the reflection as a note, not the failed attempt (whose answer a retry copied)
 #       r3-repeat0          R3 --repeat-reward 0 (the 2026-12-01 arm)
 #       r3                  R3, partial credit, the verifier's reward on the retry (the paper's retry reward)
 #       grpo                plain GRPO on first attempts, partial credit
 #     EXTRA=1 adds SCoRe (through Stage II) and Re-ReST (one round) from the same adapter, one seed.
-#  3. eval.py, greedy, two tries, on the same N held-out problems: base, start, every run.
+#  3. eval.py, greedy, two tries, on the same N held-out problems: base, start, every run; with EVAL_FLAGS
+#     (e.g. "--retry-context reflection": every row's second try asked for the same way) into its own EVALS.
 #  4. examples/report.py: the table with bootstrap intervals (docs/r3_vs_grpo.md) and the curves (.png).
 # JOBS runs go at once, each on CPUS/JOBS threads (2 single-threaded runs beat one run on 2 threads on a
 # 2-core CPU: docs/self_correction.md). A rerun skips finished runs and evals and resumes a killed one.
@@ -40,8 +43,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/r3-vs-grpo}; EVALS=${EVALS:-evals/r3-vs-grpo}; REPORT=${REPORT:-docs/r3_vs_grpo}
 SEEDS=${SEEDS:-"1 2 3"}; ARMS=${ARMS:-"r3-anchor-repeat0 r3 grpo"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}
+EVAL_FLAGS=${EVAL_FLAGS:-}
 CPUS=${CPUS:-$(nproc)}; THREADS=$(( CPUS / JOBS > 0 ? CPUS / JOBS : 1 ))
-export OUT EVALS BUDGET N OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
+export OUT EVALS BUDGET N EVAL_FLAGS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export COMMON="--task countdown --source easy --reward partial --batch-size 4 --group-size 4 --train-size 64
         --max-new-tokens 24 --reflect-tokens 32 --temperature 0.7 --lr 2e-4 --eval-every 0 --save-every 5"
 train() {  # train OUT_DIR FLAGS...: skipped when finished, resumed when killed; its log in OUT_DIR.log
@@ -56,7 +60,7 @@ train() {  # train OUT_DIR FLAGS...: skipped when finished, resumed when killed;
 evaluate() {  # evaluate [--adapter RUN] [FLAGS]: eval.py skips the examples it already has
     mkdir -p "$EVALS"
     python eval.py --task countdown --source easy --n "$N" --max-new-tokens 24 --reflect-tokens 32 \
-        --batch-size 50 --out "$EVALS" "$@" >> "$EVALS/eval-$(basename "${2:-base}").log" 2>&1 \
+        --batch-size 50 --out "$EVALS" $EVAL_FLAGS "$@" >> "$EVALS/eval-$(basename "${2:-base}").log" 2>&1 \
         || { echo "$(date +%T) evaluating ${2:-the base model} failed: see $EVALS/eval-$(basename "${2:-base}").log"; return 1; }
     echo "$(date +%T) evaluated ${2:-the base model}: $(grep -o 'accuracy@t2[^|]*|[^|]*' "$EVALS/eval-$(basename "${2:-base}").log" | tail -n 1)"
 }
@@ -77,6 +81,7 @@ flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (t
         r3-anchor-b8)       echo "$R3 --repeat-reward 0 --train-attempts --batch-size 8" ;;
         r3-anchor-solvable-pool) echo "$R3 --repeat-reward 0 --train-attempts --solvable-k 2 --train-size 256 --refresh-failures 10" ;;
         r3-anchor-solvable-binary) echo "$R3 --repeat-reward 0 --train-attempts --solvable-k 2 --train-size 256 --refresh-failures 10 --reward binary" ;;
+        r3-anchor-note)     echo "$R3 --repeat-reward 0 --train-attempts --retry-context reflection" ;;
         r3-repeat0)         echo "$R3 --repeat-reward 0 --no-train-attempts" ;;
         r3)                 echo "$R3 --repeat-reward none --no-train-attempts" ;;  # the paper's R3 step
         grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
@@ -97,5 +102,5 @@ for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now,
         echo "train $OUT/rerest --method rerest --init-adapter $OUT/start --train-size 32 --k 4 --sft-epochs 3 --seed 1 && evaluate --adapter $OUT/rerest"
     fi
 } | parallel
-python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-repeat0,r3,grpo,score,rerest" \
+python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-repeat0,r3,grpo,score,rerest" \
     --compare "${COMPARE:-r3-anchor-repeat0,grpo;r3-anchor-repeat0,r3;r3,grpo}" ${CURVES:+--curves "$CURVES"}

@@ -90,6 +90,7 @@ def steps(run_dir) -> list[int]:
     (["--method", "r3", "--repeat-reward", "nan"], "--repeat-reward must be a finite"),
     (["--retry-reward", "progress"], "--reflect-prompt are R3's"), (["--train-attempts"], "--reflect-prompt are R3's"),
     (["--reflect-prompt", "candidate"], "--reflect-prompt are R3's"),
+    (["--retry-context", "reflection"], "--reflect-prompt are R3's"), (["--retry-context", "none"], "--retry-context"),
     (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
     (["--solvable-k", "2"], "--solvable-k are R3's"), (["--method", "r3", "--solvable-k", "-1"], "--solvable-k"),
     (["--method", "r3", "--solvable-k", "1"], "--solvable-k must be 0 (off) or at least 2"),
@@ -133,7 +134,9 @@ def test_train_out_dir_that_is_a_file_or_under_one(tiny_model_dir, tmp_path, cap
 @pytest.mark.parametrize("flags, message", [
     (["--n", "0"], "--n"), (["--batch-size", "0"], "--batch-size"), (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--temperature", "-1"], "--temperature"), (["--reflect-tokens", "-1"], "--reflect-tokens"),
-    (["--method", "score", "--reflect-prompt", "candidate"], "--reflect-prompt is r3's"),
+    (["--method", "score", "--reflect-prompt", "candidate"], "--reflect-prompt and --retry-context are r3's"),
+    (["--method", "score", "--retry-context", "reflection"], "--reflect-prompt and --retry-context are r3's"),
+    (["--retry-context", "attempt"], "--retry-context"),
 ])
 def test_eval_flags(flags, message, tiny_model_dir, tmp_path, capsys):
     argv = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "evals"), *flags]

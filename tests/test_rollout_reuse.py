@@ -104,3 +104,26 @@ def test_rollout_rows_follow_their_own_seeds(tiny, monkeypatch):
     whole = flat(episodes([0, 1, 2, 3], 4))
     assert flat(episodes([3, 1], 1)) == [whole[3], whole[1]]
     assert len({tuple(r) for e in whole for r in e[1]}) > 4  # retries really sampled, not all alike
+
+
+def test_a_reflection_only_retry_sees_the_question_and_the_reflection(tiny):
+    """--retry-context reflection: each retry is sampled from the first try's prompt led by its own
+    reflection (tasks.retry_with_note_messages), with no cache of the conversation; the paper's retry
+    continues the conversation, the failed attempt in it."""
+    m, tok = tiny
+    examples = tasks.load_examples("countdown", "test", n=2)
+    gen = Gen(8, 1.0, seed=[5, 6])
+
+    def episodes(context):
+        attempts = rollout.attempt(m, tok, "countdown", examples, gen, keep=True)
+        for a in attempts:
+            a.text = "<answer> 1 + 1 </answer>"  # a failed answer the prompt would show
+        return rollout.reflect_and_retry(m, tok, "countdown", examples, attempts, Gen(6, 1.0, seed=[7, 8]), gen,
+                                         n_reflections=2, retry_context=context)
+    for ep in episodes("reflection"):
+        for r, t in zip(ep.reflections, ep.retries):
+            assert r.past is None  # nothing kept for a retry that does not continue it
+            assert t.prompt_ids == rollout.chat_ids(tok, tasks.retry_with_note_messages("countdown", ep.example, r.text))
+            assert "1 + 1" not in tok.decode(t.prompt_ids)
+    for ep in episodes("conversation"):
+        assert all("1 + 1" in tok.decode(t.prompt_ids) for t in ep.retries)

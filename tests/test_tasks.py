@@ -229,6 +229,20 @@ def test_messages_are_well_formed(task, source):
             assert verifiers.countdown(answer["content"], {"nums": nums, "target": target}).correct
 
 
+@pytest.mark.parametrize("task,source", BUILTIN)
+def test_a_retry_with_a_note_is_the_first_try_led_by_the_reflection(task, source):
+    """--retry-context reflection: the first try's messages, the question led by the reflection (on one line);
+    the failed attempt is nowhere, so there is no answer to copy."""
+    ex = tasks.load_examples(task, "test", source=source, n=1)[0]
+    first = tasks.first_attempt_messages(task, ex)
+    note = tasks.retry_with_note_messages(task, ex, " I used 7\ntwice;  use each once. ")
+    _alternates(note)
+    assert note[:-1] == first[:-1] and note[-1]["role"] == "user"
+    assert note[-1]["content"].endswith("\n\n" + first[-1]["content"])
+    assert "I used 7 twice; use each once." in note[-1]["content"].split("\n\n")[0]
+    assert len(note) == len(first) and "a wrong attempt" not in str(note)
+
+
 def test_instructions_name_the_answer_format():
     formats = {"countdown": "<answer>", "function_calling": '"arguments"', "math": "\\boxed{}", "code": "```python"}
     for task, fmt in formats.items():
