@@ -266,17 +266,20 @@ def test_results_file_follows_the_code_and_the_adapter_weights(tiny_model_dir, r
     assert sampled("--adapter", str(adapter)) == 2
 
 
-def test_reflect_prompt_follows_the_adapters_run_and_names_its_results(tiny_model_dir, run_dir, tmp_path,
-                                                                       monkeypatch):
-    """A run trained with --reflect-prompt candidate is asked for its reflections so (its args.json says), an
-    explicit flag wins, and the two prompts never share a results file. The paper's default keeps its name."""
+@pytest.mark.parametrize("flag, trained, default", [("reflect_prompt", "candidate", "approach"),
+                                                   ("retry_context", "reflection", "conversation")])
+def test_second_try_flags_follow_the_adapters_run_and_name_its_results(tiny_model_dir, run_dir, tmp_path,
+                                                                      monkeypatch, flag, trained, default):
+    """A run trained with --reflect-prompt candidate (--retry-context reflection) is asked for its second
+    tries so (its args.json says), an explicit flag wins, and the two ways never share a results file.
+    The paper's default keeps its name."""
     import shutil
+    import rollout
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
-    asked = []
-    real = tasks.reflect_instruction
-    monkeypatch.setattr(tasks, "reflect_instruction", lambda task, prompt="approach": asked.append(prompt) or
-                        real(task, prompt))
+    asked, real = [], rollout.reflect_and_retry
+    monkeypatch.setattr(rollout, "reflect_and_retry", lambda *a, **kw: asked.append(kw[flag]) or real(*a, **kw))
+    option = "--" + flag.replace("_", "-")
 
     def evaluate(out, *extra):
         asked.clear()
@@ -284,15 +287,15 @@ def test_reflect_prompt_follows_the_adapters_run_and_names_its_results(tiny_mode
         ev.main(flags(tiny_model_dir, tmp_path / out, 2, "--adapter", str(run), *extra))
         [summary] = (tmp_path / out).glob("summary-*.json")
         config = json.loads(summary.read_text())["configs"]["trained"]
-        return set(asked), config.get("reflect_prompt")
-    (run / "args.json").write_text(json.dumps({"model": str(tiny_model_dir), "reflect_prompt": "candidate"}))
-    assert evaluate("trained") == ({"candidate"}, "candidate")
-    assert evaluate("flag", "--reflect-prompt", "approach") == ({"approach"}, None)
+        return set(asked), config.get(flag)
+    (run / "args.json").write_text(json.dumps({"model": str(tiny_model_dir), flag: trained}))
+    assert evaluate("trained") == ({trained}, trained)
+    assert evaluate("flag", option, default) == ({default}, None)
     (run / "args.json").write_text(json.dumps({"model": str(tiny_model_dir)}))  # a run from before the flag
-    assert evaluate("older") == ({"approach"}, None)
-    assert evaluate("asked", "--reflect-prompt", "candidate") == ({"candidate"}, "candidate")
+    assert evaluate("older") == ({default}, None)
+    assert evaluate("asked", option, trained) == ({trained}, trained)
     names = {p.name for out in ("trained", "flag", "older", "asked") for p in (tmp_path / out).glob("results-*")}
-    assert len(names) == 2  # one file per prompt, whichever way it was chosen
+    assert len(names) == 2  # one file per way, whichever way it was chosen
 
 
 def test_rolling_mean_never_looks_ahead():

@@ -304,19 +304,21 @@ def test_token_budget_ends_the_run_at_the_step_that_reaches_it(tiny_model_dir, t
     assert read_metrics(run) == lines
 
 
-@pytest.mark.parametrize("prompt", ["approach", "candidate"])
-def test_reflect_prompt_is_what_r3_steps_and_evals_ask_for(tiny_model_dir, tmp_path, monkeypatch, capsys, prompt):
-    """--reflect-prompt reaches every reflection request (the failure set's R3 steps, the in-run eval) and
-    the header line, and the run's args.json keeps it for eval.py."""
+@pytest.mark.parametrize("flag, value", [("reflect_prompt", "approach"), ("reflect_prompt", "candidate"),
+                                         ("retry_context", "conversation"), ("retry_context", "reflection")])
+def test_second_try_flags_reach_r3_steps_and_evals(tiny_model_dir, tmp_path, monkeypatch, capsys, flag, value):
+    """--reflect-prompt and --retry-context reach every reflection and retry (the failure set's R3 steps, the
+    in-run eval) and the header line, and the run's args.json keeps them for eval.py."""
+    import rollout
     monkeypatch.setattr(tasks, "verify", scripted_verify)
-    asked, real = [], tasks.reflect_instruction
-    monkeypatch.setattr(tasks, "reflect_instruction", lambda task, p="approach": asked.append(p) or real(task, p))
+    asked, real = [], rollout.reflect_and_retry
+    monkeypatch.setattr(rollout, "reflect_and_retry", lambda *a, **kw: asked.append(kw[flag]) or real(*a, **kw))
     run = tmp_path / "run"
     train_r3.main(small_args(tiny_model_dir, run, "--method", "r3", "--steps", "1", "--eval-every", "1",
-                             "--reflect-prompt", prompt))
-    assert len(asked) > 1 and set(asked) == {prompt}
-    assert f"reflect_prompt={prompt}" in capsys.readouterr().out
-    assert json.loads((run / "args.json").read_text())["reflect_prompt"] == prompt
+                             "--" + flag.replace("_", "-"), value))
+    assert len(asked) > 1 and set(asked) == {value}
+    assert f"{flag}={value}" in capsys.readouterr().out
+    assert json.loads((run / "args.json").read_text())[flag] == value
 
 
 @pytest.mark.parametrize("k", [0, 3])
