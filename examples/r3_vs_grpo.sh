@@ -24,6 +24,8 @@
 #                           drops a number (0.25) earns no more than a copy; the solvable set keeps the signal
 #       r3-anchor-note      r3-anchor-repeat0 with --retry-context reflection: the retry sees the question led by
 #                           the reflection as a note, not the failed attempt (whose answer a retry copied)
+#       r3-anchor-note-candidate  r3-anchor-note with --reflect-prompt candidate: the reflection names an answer
+#                           to try, and the retry's prompt has no other answer to take
 #       r3-repeat0          R3 --repeat-reward 0 (the 2026-12-01 arm)
 #       r3                  R3, partial credit, the verifier's reward on the retry (the paper's retry reward)
 #       grpo                plain GRPO on first attempts, partial credit
@@ -82,6 +84,7 @@ flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (t
         r3-anchor-solvable-pool) echo "$R3 --repeat-reward 0 --train-attempts --solvable-k 2 --train-size 256 --refresh-failures 10" ;;
         r3-anchor-solvable-binary) echo "$R3 --repeat-reward 0 --train-attempts --solvable-k 2 --train-size 256 --refresh-failures 10 --reward binary" ;;
         r3-anchor-note)     echo "$R3 --repeat-reward 0 --train-attempts --retry-context reflection" ;;
+        r3-anchor-note-candidate) echo "$R3 --repeat-reward 0 --train-attempts --retry-context reflection --reflect-prompt candidate" ;;
         r3-repeat0)         echo "$R3 --repeat-reward 0 --no-train-attempts" ;;
         r3)                 echo "$R3 --repeat-reward none --no-train-attempts" ;;  # the paper's R3 step
         grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
@@ -102,5 +105,5 @@ for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now,
         echo "train $OUT/rerest --method rerest --init-adapter $OUT/start --train-size 32 --k 4 --sft-epochs 3 --seed 1 && evaluate --adapter $OUT/rerest"
     fi
 } | parallel
-python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-repeat0,r3,grpo,score,rerest" \
+python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-anchor-note-candidate,r3-repeat0,r3,grpo,score,rerest" \
     --compare "${COMPARE:-r3-anchor-repeat0,grpo;r3-anchor-repeat0,r3;r3,grpo}" ${CURVES:+--curves "$CURVES"}
