@@ -145,8 +145,8 @@ def reflect_and_retry(model, tok, task: str, examples: list[dict], attempts: lis
                    for i, r in enumerate(reflections)]
     if isinstance(retry_gen.seed, list):
         retry_gen = replace(retry_gen, seed=[mix_seed(s, j) for s in retry_gen.seed for j in range(G)])
-    retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen, 1, None if fresh else take_pasts(reflections)),
-                    [ex for ex in examples for _ in range(G)])
+    pasts = None if fresh else take_pasts(reflections)
+    retries = judge(task, sample_turns(model, tok, retry_convs, retry_gen, 1, pasts), [ex for ex in examples for _ in range(G)])
     return [Episode(ex, a, reflections[i * G:(i + 1) * G], retries[i * G:(i + 1) * G])
             for i, (ex, a) in enumerate(zip(examples, attempts))]
 
