@@ -97,6 +97,10 @@ def parse_args(argv=None, description: str | None = None):
                    "also samples G first attempts of its queries and adds plain GRPO on them to the same update, so the "
                    "first try is trained, not only the reflection that shares its LoRA (ours, default off; embedded model "
                    "on countdown: on; docs/self_correction.md)")
+    p.add_argument("--train-retries", action=argparse.BooleanOptionalAction, default=False, help="r3: each R3 step "
+                   "also trains the retry tokens, with the advantage of the reflection before them, so the second try "
+                   "itself learns what a failed first try should change (ours, default off: the paper trains the "
+                   "reflection only; docs/self_correction.md)")
     p.add_argument("--reflect-prompt", default="approach", choices=sorted(tasks.REFLECT_PROMPTS), help="r3: what the "
                    "reflection is asked for. approach: what went wrong and what to try, no answer yet (as the paper's "
                    "request); candidate: what went wrong, then a corrected answer to try (ours; docs/self_correction.md)")
@@ -247,10 +251,10 @@ def validate(args):
     if a.method != "r3" and a.repeat_reward is not None:
         raise cli.UsageError(f"--repeat-reward is R3's (a retry that repeats the failed attempt); --method "
                              f"{a.method} has no retry")
-    if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts or a.reflect_prompt != "approach"
-                           or a.retry_context != "conversation"):
-        raise cli.UsageError(f"--retry-reward, --retry-context, --train-attempts and --reflect-prompt are R3's (its "
-                             f"retry, its step and its reflection); --method {a.method} has none of them")
+    if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts or a.train_retries
+                           or a.reflect_prompt != "approach" or a.retry_context != "conversation"):
+        raise cli.UsageError(f"--retry-reward, --retry-context, --train-attempts, --train-retries and --reflect-prompt "
+                             f"are R3's (its retry, its step and its reflection); --method {a.method} has none of them")
     if a.method == "r3" and a.warmup_steps >= a.steps:
         raise cli.UsageError(f"{said(a, 'warmup_steps')} leaves no R3 step of {said(a, 'steps')}; give fewer "
                              "--warmup-steps or more --steps")
@@ -273,7 +277,7 @@ def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_context", "retry_reward", "repeat_reward", "train_attempts", "skip_flat_groups",
+    keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_context", "retry_reward", "repeat_reward", "train_attempts", "train_retries", "skip_flat_groups",
                     "warmup_steps", "warmup_reward", "refresh_failures", "solvable_k"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]

@@ -128,7 +128,7 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
         if args.retry_reward != "verifier" else None
     return reflections, verdicts, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
                                   "reflection_len": [len(r.ids) for r in reflections], "repeat": repeats,
-                                  "attempt_verdicts": before}
+                                  "attempt_verdicts": before, "retries": [t for ep in episodes for t in ep.retries]}
 
 
 def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
@@ -165,6 +165,8 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
                             for v, rep, b in zip(verdicts, info["repeat"] or [False] * len(verdicts), before)])
     G = args.group_size
     samples, signal = group_samples(turns, rewards, G, args.skip_flat_groups)
+    if method == "r3" and args.train_retries:  # each retry with its reflection's advantage (ours; the paper
+        samples += group_samples(info["retries"], rewards, G, args.skip_flat_groups)[0]  # trains reflections only)
     extra = {}
     if method == "r3" and args.train_attempts:  # plain GRPO on the same queries' first attempts, same update
         tries, tried, tried_info = grpo_samples(model, tok, args, queries, [mix_seed(s, 2) for s in seeds])

@@ -90,7 +90,7 @@ def steps(run_dir) -> list[int]:
     (["--method", "r3", "--repeat-reward", "nan"], "--repeat-reward must be a finite"),
     (["--retry-reward", "progress"], "--reflect-prompt are R3's"), (["--train-attempts"], "--reflect-prompt are R3's"),
     (["--reflect-prompt", "candidate"], "--reflect-prompt are R3's"),
-    (["--retry-context", "reflection"], "--reflect-prompt are R3's"), (["--retry-context", "none"], "--retry-context"),
+    (["--retry-context", "reflection"], "--reflect-prompt are R3's"), (["--train-retries"], "--reflect-prompt are R3's"), (["--retry-context", "none"], "--retry-context"),
     (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
     (["--solvable-k", "2"], "--solvable-k are R3's"), (["--method", "r3", "--solvable-k", "-1"], "--solvable-k"),
     (["--method", "r3", "--solvable-k", "1"], "--solvable-k must be 0 (off) or at least 2"),

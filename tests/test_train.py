@@ -58,7 +58,8 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
 
 @pytest.mark.parametrize("phases", [[], ["--warmup-steps", "2", "--refresh-failures", "2", "--solvable-k", "2"],
                                     ["--reward", "partial", "--repeat-reward", "-0.5"],
-                                    ["--reward", "partial", "--retry-reward", "progress", "--train-attempts"],
+                                    ["--reward", "partial", "--retry-reward", "progress", "--train-attempts",
+                                     "--train-retries"],
                                     ["--reward", "partial", "--retry-reward", "no-worse", "--repeat-reward", "-0.5",
                                      "--train-attempts"]],
                          ids=["r3", "phases", "repeat-reward", "progress-train-attempts", "no-worse"])
@@ -69,7 +70,8 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
     queries one of 2 samples fails and the other passes (--solvable-k 2). With
     --repeat-reward: retries that repeat their attempt (scripted: a third) earn -0.5, before and after.
     --retry-reward progress --train-attempts: retries earn their gain over the attempt (scripted: some
-    failures earn partial credit), and first attempts are sampled and trained in the same steps.
+    failures earn partial credit), and first attempts are sampled and trained in the same steps, the retries
+    too (--train-retries).
     --retry-reward no-worse --repeat-reward -0.5 --train-attempts (the r3-anchor-noworse-penalty arm): the same."""
     steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0", *phases]
     # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
@@ -383,6 +385,39 @@ def test_train_attempts_adds_grpo_on_first_attempts_to_the_same_update(tiny_mode
         for k in range(2):
             group = [s.advantage for s in on_attempts[k * G:(k + 1) * G]]
             assert abs(sum(group)) < 1e-5
+
+
+@pytest.mark.parametrize("context", ["conversation", "reflection"])
+def test_train_retries_adds_each_retry_with_its_reflections_advantage(tiny_model_dir, tmp_path, monkeypatch, context):
+    """--train-retries: the update holds each reflection and, after them, the retry it led to, sampled from
+    the retry's own prompt, with the same advantage; without the flag, the reflections only."""
+    import rl
+    import model as model_lib
+    model, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+    examples = tasks.load_examples("countdown", "train", n=2, seed=0)
+    queries = [{"example": ex, "attempt": "<answer> 1 + 1 </answer>"} for ex in examples]
+    monkeypatch.setattr(tasks, "verify", scripted_verify)
+
+    def updated(*flags):
+        args = train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "run", "--reward", "partial",
+                                              "--retry-context", context, *flags))
+        seen = []
+        monkeypatch.setattr(rl, "update", lambda model, opt, samples, cfg, pad: seen.extend(samples) or
+                            {"loss": 0.0, "kl_sum": 0.0, "kl_tokens": 0, "grad_norm": 0.0})
+        cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, 1, args.micro_batch, 0)
+        stats = train_r3.train_step(model, tok, None, args, cfg, queries, [5, 6], "r3", "partial")
+        return seen, stats, args.group_size
+    plain, _, G = updated()
+    both, stats, _ = updated("--train-retries")
+    assert len(plain) == 2 * G and len(both) == 4 * G
+    reflections, retries = both[:2 * G], both[2 * G:]
+    assert [(s.prompt_ids, s.completion_ids, s.advantage) for s in reflections] == \
+        [(s.prompt_ids, s.completion_ids, s.advantage) for s in plain]  # the same seeds: the same step
+    assert [s.advantage for s in retries] == [s.advantage for s in reflections]
+    assert any(s.advantage != 0 for s in retries)  # scripted verdicts: the step has signal
+    for r, t in zip(reflections, retries):
+        text = tok.decode(t.prompt_ids)
+        assert tok.decode(r.completion_ids) in text and (context == "reflection") != ("1 + 1" in text)
 
 
 @pytest.mark.parametrize("rule, want", [("verifier", [0.25] * 8), ("progress", [0.0] * 4 + [0.25] * 4),
