@@ -87,7 +87,7 @@ flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (t
         r3-anchor-solvable-binary) echo "$R3 --repeat-reward 0 --train-attempts --solvable-k 2 --train-size 256 --refresh-failures 10 --reward binary" ;;
         r3-anchor-note)     echo "$R3 --repeat-reward 0 --train-attempts --retry-context reflection" ;;
         r3-anchor-note-candidate) echo "$R3 --repeat-reward 0 --train-attempts --retry-context reflection --reflect-prompt candidate" ;;
-        r3-anchor-retries)  echo "$R3 --repeat-reward 0 --train-attempts --train-retries" ;;
+        r3-anchor-retries)  echo "$R3 --repeat-reward 0 --train-attempts --train-retries --micro-batch-tokens 3072" ;;  # every retry has its own long prompt: 16 in one pass took 11.7 GB
         r3-repeat0)         echo "$R3 --repeat-reward 0 --no-train-attempts" ;;
         r3)                 echo "$R3 --repeat-reward none --no-train-attempts" ;;  # the paper's R3 step
         grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
