@@ -119,7 +119,8 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
         Gen(args.max_new_tokens, args.temperature, seed=[mix_seed(s, 1) for s in seeds]), n_reflections=args.group_size,
         reflect_prompt=args.reflect_prompt, retry_context=args.retry_context)
     reflections = [r for ep in episodes for r in ep.reflections]
-    verdicts = [t.verdict for ep in episodes for t in ep.retries]
+    retries = [t for ep in episodes for t in ep.retries]
+    verdicts = [t.verdict for t in retries]
     repeats = [verifiers.same_answer(args.task, t.text, q["attempt"]) for ep, q in zip(episodes, queries)
                for t in ep.retries]
     # --retry-reward progress / no-worse: each retry is paid against its failed attempt's verdict (judged once per query)
@@ -128,7 +129,7 @@ def r3_samples(model, tok, args, queries: list[dict], seeds: list[int]):
         if args.retry_reward != "verifier" else None
     return reflections, verdicts, {"tokens": sum(len(t.ids) for ep in episodes for t in ep.reflections + ep.retries),
                                   "reflection_len": [len(r.ids) for r in reflections], "repeat": repeats,
-                                  "attempt_verdicts": before, "retries": [t for ep in episodes for t in ep.retries]}
+                                  "attempt_verdicts": before, "retries": retries}
 
 
 def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
