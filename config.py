@@ -93,6 +93,10 @@ def parse_args(argv=None, description: str | None = None):
                    "over the failed attempt, max(0, r(retry) - r(attempt)), so a repeat or a change that fails as badly "
                    "earns 0; no-worse: its reward, or 0 if below the failed attempt's, so a retry that breaks a rule "
                    "the attempt kept earns 0 (both ours; docs/self_correction.md)")
+    p.add_argument("--repeat-advantage", type=float, default=0.0, metavar="A", help="r3: added to the advantage of "
+                   "each reflection (and, with --train-retries, its retry) whose failed retry repeats the failed answer, "
+                   "after the group normalisation, so a group whose retries all copy (equal rewards, advantage 0) still "
+                   "learns not to copy; e.g. -0.5 (0: off, as the paper; ours; docs/self_correction.md)")
     p.add_argument("--train-attempts", action=argparse.BooleanOptionalAction, default=False, help="r3: each R3 step "
                    "also samples G first attempts of its queries and adds plain GRPO on them to the same update, so the "
                    "first try is trained, not only the reflection that shares its LoRA (ours, default off; embedded model "
@@ -205,6 +209,7 @@ limits (checked before anything loads; a broken one is one error line, exit code
   --lr, --clip-eps: > 0; --temperature: > 0 (Re-ReST: >= 0); --kl-beta, --alpha, --beta1, --beta2,
   --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps, --warmup-steps,
   --refresh-failures, --token-budget, --micro-batch-tokens: >= 0; --repeat-reward (r3 only): at most 1;
+  --repeat-advantage (r3 only): at most 0;
   --solvable-k (r3 only): 0 or at least 2;
   r3: --warmup-steps below --steps;
   every number finite
@@ -237,6 +242,7 @@ def validate(args):
               for name in ("lr", "clip_eps")]
     rules += [(name, getattr(a, name), getattr(a, name) is None or getattr(a, name) >= 0, ">= 0")
               for name in ("kl_beta", "stage1_steps")]
+    rules += [("repeat_advantage", a.repeat_advantage, a.repeat_advantage <= 0, "at most 0 (a copy must not gain)")]
     rules += [("repeat_reward", a.repeat_reward, a.repeat_reward is None or a.repeat_reward <= 1, "at most 1 "
                "(a pass earns 1)")]
     cli.check_flags([("--" + name.replace("_", "-"), value, ok, want) for name, value, ok, want in rules])
@@ -251,9 +257,9 @@ def validate(args):
     if a.method != "r3" and a.repeat_reward is not None:
         raise cli.UsageError(f"--repeat-reward is R3's (a retry that repeats the failed attempt); --method "
                              f"{a.method} has no retry")
-    if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts or a.train_retries
+    if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts or a.train_retries or a.repeat_advantage
                            or a.reflect_prompt != "approach" or a.retry_context != "conversation"):
-        raise cli.UsageError(f"--retry-reward, --retry-context, --train-attempts, --train-retries and --reflect-prompt "
+        raise cli.UsageError(f"--retry-reward, --retry-context, --train-attempts, --train-retries, --repeat-advantage and --reflect-prompt "
                              f"are R3's (its retry, its step and its reflection); --method {a.method} has none of them")
     if a.method == "r3" and a.warmup_steps >= a.steps:
         raise cli.UsageError(f"{said(a, 'warmup_steps')} leaves no R3 step of {said(a, 'steps')}; give fewer "
@@ -277,7 +283,7 @@ def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_context", "retry_reward", "repeat_reward", "train_attempts", "train_retries", "skip_flat_groups",
+    keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_context", "retry_reward", "repeat_reward", "repeat_advantage", "train_attempts", "train_retries", "skip_flat_groups",
                     "warmup_steps", "warmup_reward", "refresh_failures", "solvable_k"], "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]

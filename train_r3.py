@@ -141,14 +141,19 @@ def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
                                                "repeat": [], "attempt_verdicts": None}
 
 
-def group_samples(turns, rewards: torch.Tensor, G: int, skip_flat: bool) -> tuple[list, torch.Tensor]:
+def group_samples(turns, rewards: torch.Tensor, G: int, skip_flat: bool,
+                  shift: torch.Tensor | None = None) -> tuple[list, torch.Tensor]:
     """GRPO's training samples from groups of G turns and their rewards, and which groups carry signal.
     A group whose rewards are all equal has advantage 0, but its KL term still pulls toward the base and
-    it counts in the normaliser, as in TRL. skip_flat (--skip-flat-groups) leaves it out (no backward pass)."""
+    it counts in the normaliser, as in TRL. skip_flat (--skip-flat-groups) leaves it out (no backward pass).
+    shift (--repeat-advantage): added to each sample's advantage after the normalisation, which would cancel
+    it; a group with a nonzero shift is never skipped."""
     signal = rl.has_signal(rewards, G)
-    advantages = rl.group_advantages(rewards, G)
+    advantages, keep = rl.group_advantages(rewards, G), signal
+    if shift is not None:
+        advantages, keep = advantages + shift, signal | (shift.view(-1, G) != 0).any(1)
     samples = [rl.Sample(t.prompt_ids, t.ids, a.item()) for i, (t, a) in enumerate(zip(turns, advantages))
-               if signal[i // G] or not skip_flat]
+               if keep[i // G] or not skip_flat]
     return samples, signal
 
 
@@ -165,9 +170,14 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b, rule)
                             for v, rep, b in zip(verdicts, info["repeat"] or [False] * len(verdicts), before)])
     G = args.group_size
-    samples, signal = group_samples(turns, rewards, G, args.skip_flat_groups)
+    # --repeat-advantage (ours): a failed retry that copies the failed answer costs its reflection (and itself)
+    # this much whatever its group did. A reward penalty cannot: when all G retries copy, all earn the same and
+    # the group's advantage is 0 (the copy trap, docs/self_correction.md); UFO's repeat penalty, outside the baseline
+    shift = torch.tensor([args.repeat_advantage * (rep and not v.correct) for v, rep in zip(verdicts, info["repeat"])]) \
+        if method == "r3" and args.repeat_advantage else None
+    samples, signal = group_samples(turns, rewards, G, args.skip_flat_groups, shift)
     if method == "r3" and args.train_retries:  # each retry with its reflection's advantage (ours; the paper
-        samples += group_samples(info["retries"], rewards, G, args.skip_flat_groups)[0]  # trains reflections only)
+        samples += group_samples(info["retries"], rewards, G, args.skip_flat_groups, shift)[0]  # trains reflections only)
     extra = {}
     if method == "r3" and args.train_attempts:  # plain GRPO on the same queries' first attempts, same update
         tries, tried, tried_info = grpo_samples(model, tok, args, queries, [mix_seed(s, 2) for s in seeds])
