@@ -61,8 +61,11 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
                                     ["--reward", "partial", "--retry-reward", "progress", "--train-attempts",
                                      "--train-retries"],
                                     ["--reward", "partial", "--retry-reward", "no-worse", "--repeat-reward", "-0.5",
-                                     "--train-attempts"]],
-                         ids=["r3", "phases", "repeat-reward", "progress-train-attempts", "no-worse"])
+                                     "--train-attempts"],
+                                    ["--reward", "partial", "--retry-reward", "verifier", "--repeat-reward", "0",
+                                     "--repeat-advantage", "-0.5", "--train-attempts", "--train-retries"]],
+                         ids=["r3", "phases", "repeat-reward", "progress-train-attempts", "no-worse",
+                              "repeat-advantage"])
 def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases):
     """Killed after a checkpoint at step 3-5 and resumed: the uninterrupted run's steps, rewards, failure
     sets and weights. With phases: GRPO warm-up steps 1-2, then R3 on a failure set built after step 2
@@ -72,7 +75,8 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
     --retry-reward progress --train-attempts: retries earn their gain over the attempt (scripted: some
     failures earn partial credit), and first attempts are sampled and trained in the same steps, the retries
     too (--train-retries).
-    --retry-reward no-worse --repeat-reward -0.5 --train-attempts (the r3-anchor-noworse-penalty arm): the same."""
+    --retry-reward no-worse --repeat-reward -0.5 --train-attempts (the r3-anchor-noworse-penalty arm): the same.
+    --repeat-advantage -0.5 with --train-attempts --train-retries (the r3-anchor-retries-unstuck arm): the same."""
     steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0", *phases]
     # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
     # uninterrupted runs were seen to drift apart by rounding within a few steps at this learning rate.
@@ -115,6 +119,8 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
     if "--repeat-reward" in phases and "--retry-reward" not in phases:  # the penalty was paid: with no partial
         # credit scripted (R3_SCRIPTED_PARTIAL=0), a step's reward would otherwise be its pass rate
         assert any(ref[s]["repeat_frac"] > 0 and ref[s]["reward"] < ref[s]["solved"] for s in ref)
+    if "--repeat-advantage" in phases:  # some retries copied, so the advantage shift was applied
+        assert any(ref[s]["repeat_frac"] > 0 for s in ref if ref[s]["phase"] == "r3")
     if "progress" in phases:  # a pass after a missed_target attempt earns 0.5: some step's reward is below its pass rate
         assert any(ref[s]["reward"] < ref[s]["solved"] for s in ref)
     if "--retry-reward" in phases:
@@ -445,3 +451,68 @@ def test_retry_reward_pays_each_retry_against_its_own_attempt(tiny_model_dir, tm
     # attempt's verdict); every first attempt here earns the verifier's 0.25
     warmup = train_r3.train_step(model, tok, None, args, cfg, queries, [5, 6], "grpo", "partial")
     assert warmup["reward"] == [0.25] * 8
+
+
+# --repeat-advantage: (failed attempt, the G retries of its reflections) -> the retries' rewards under
+# --reward partial --repeat-reward 0, and what the flag adds to each advantage. EX: 2, 3, 3 -> 8.
+COPY_TABLE = [
+    ("<answer> 2 * 3 * 3 </answer>",  # missed_target (18): a near miss, 0.5
+     ["<answer> 2 * 3 * 3 </answer>",    # a repeat, word for word: 0, and it costs its reflection
+      "<answer> 3 * 2 * 3 </answer>",    # an equivalent rewrite: the same answer, the same
+      "<answer> 3 * 3 - 2 </answer>",    # a new near miss (7): 0.5, no cost
+      "<answer> 3 + 3 + 2 </answer>"],   # a fix: 1
+     [0.0, 0.0, 0.5, 1.0], [-0.5, -0.5, 0.0, 0.0]),
+    ("<answer> 2 + 3 </answer>",      # all four retries copy: a flat group
+     ["<answer> 2 + 3 </answer>", "<answer>3+2</answer>", "<answer> (2 + 3) </answer>", "<answer> 2 + 3 </answer>"],
+     [0.0] * 4, [-0.5] * 4),
+]
+
+
+@pytest.mark.parametrize("skip_flat", [False, True])
+def test_repeat_advantage_costs_a_copy_outside_the_group_baseline(tiny_model_dir, tmp_path, monkeypatch, skip_flat):
+    """--repeat-advantage -0.5 in a real R3 step (--train-retries): a failed retry that repeats the failed answer,
+    word for word or rewritten, costs its reflection and itself 0.5 of advantage on top of GRPO's; a new answer
+    or a fix costs nothing. A group whose retries all copy has equal rewards and, without the flag, advantage 0
+    (and --skip-flat-groups drops it); with it, each sample gets -0.5 and the group is trained."""
+    import rl
+    import rollout
+    import model as model_lib
+    model, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
+    example = {"nums": [2, 3, 3], "target": 8}
+    queries = [{"example": example, "attempt": attempt} for attempt, *_ in COPY_TABLE]
+    real = rollout.reflect_and_retry
+
+    def scripted_retries(*a, **k):  # the sampled episodes, with the table's retries in place of the sampled ones
+        episodes = real(*a, **k)
+        for ep, (_, retries, _, _) in zip(episodes, COPY_TABLE):
+            for turn, text in zip(ep.retries, retries):
+                turn.text, turn.verdict = text, tasks.verify("countdown", text, ep.example)
+        return episodes
+    monkeypatch.setattr(rollout, "reflect_and_retry", scripted_retries)
+
+    def updated(*flags):
+        args = train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "run", "--reward", "partial",
+                                              "--repeat-reward", "0", "--train-retries", *flags,
+                                              *(["--skip-flat-groups"] if skip_flat else [])))
+        seen = []
+        monkeypatch.setattr(rl, "update", lambda model, opt, samples, cfg, pad: seen.extend(samples) or
+                            {"loss": 0.0, "kl_sum": 0.0, "kl_tokens": 0, "grad_norm": 0.0})
+        cfg = rl.UpdateConfig(args.kl_beta, args.clip_eps, 1, args.micro_batch, 0)
+        stats = train_r3.train_step(model, tok, None, args, cfg, queries, [5, 6], "r3", "partial")
+        return seen, stats
+    G = 4
+    plain, stats = updated()
+    assert stats["reward"] == [r for _, _, rewards, _ in COPY_TABLE for r in rewards]
+    assert stats["repeat"] == [1.0, 1.0, 0.0, 0.0] + [1.0] * 4 and stats["signal"] == [True, False]
+    shifted, _ = updated("--repeat-advantage", "-0.5")
+    if skip_flat:  # without the flag the copy group is flat and dropped, reflections and retries alike
+        assert len(plain) == 2 * G and len(shifted) == 4 * G
+        plain = plain[:G] + [None] * G + plain[G:] + [None] * G  # aligned with the shifted step's samples
+    else:
+        assert len(plain) == len(shifted) == 4 * G  # reflections of both queries, then their retries
+    costs = [c for _, _, _, cost in COPY_TABLE for c in cost]
+    for i, (before, after) in enumerate(zip(plain, shifted)):
+        grpo = before.advantage if before is not None else 0.0
+        assert after.advantage == pytest.approx(grpo + costs[i % (2 * G)], abs=1e-6), i
+    assert all(s.advantage == 0 for s in plain[G:2 * G] if s is not None)  # the flat group: nothing without it
+    assert shifted[2].advantage > 0 and shifted[3].advantage > shifted[2].advantage  # a new near miss, a fix
