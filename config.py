@@ -76,7 +76,8 @@ def parse_args(argv=None, description: str | None = None):
     p.add_argument("--kl-beta", type=float, default=None, help="KL to the base model, R3/GRPO (default 0.001 as "
                    "R3, k3 estimator); SCoRe uses --beta1/--beta2")
     p.add_argument("--skip-flat-groups", action="store_true", help="leave groups whose rewards are all equal out "
-                   "of the update (faster; drops their KL pull and their share of the normaliser, unlike TRL)")
+                   "of the update (faster; drops their KL pull and their share of the normaliser, unlike TRL); a group "
+                   "that --repeat-advantage shifts is kept")
     p.add_argument("--loss-agg", default="grpo", choices=["grpo", "token"],
                    help="grpo: per-sequence token mean; token: mean over all tokens (DAPO)")
     p.add_argument("--max-new-tokens", type=int, default=None, help=f"attempt/retry length (default per task: {TASK_TOKENS})")
@@ -93,10 +94,11 @@ def parse_args(argv=None, description: str | None = None):
                    "over the failed attempt, max(0, r(retry) - r(attempt)), so a repeat or a change that fails as badly "
                    "earns 0; no-worse: its reward, or 0 if below the failed attempt's, so a retry that breaks a rule "
                    "the attempt kept earns 0 (both ours; docs/self_correction.md)")
-    p.add_argument("--repeat-advantage", type=float, default=0.0, metavar="A", help="r3: added to the advantage of "
-                   "each reflection (and, with --train-retries, its retry) whose failed retry repeats the failed answer, "
-                   "after the group normalisation, so a group whose retries all copy (equal rewards, advantage 0) still "
-                   "learns not to copy; e.g. -0.5 (0: off, as the paper; ours; docs/self_correction.md)")
+    p.add_argument("--repeat-advantage", type=float, default=0.0, metavar="A", help="r3: A (<= 0) added to the "
+                   "advantage of each reflection (and, with --train-retries, its retry) whose failed retry repeats the "
+                   "failed answer, after the group normalisation, so a group whose retries all copy (equal rewards, "
+                   "advantage 0) is still pushed away from what led to the copies; e.g. -0.5 (0: off, as the paper; "
+                   "ours; docs/self_correction.md)")
     p.add_argument("--train-attempts", action=argparse.BooleanOptionalAction, default=False, help="r3: each R3 step "
                    "also samples G first attempts of its queries and adds plain GRPO on them to the same update, so the "
                    "first try is trained, not only the reflection that shares its LoRA (ours, default off; embedded model "
@@ -259,8 +261,9 @@ def validate(args):
                              f"{a.method} has no retry")
     if a.method != "r3" and (a.retry_reward != "verifier" or a.train_attempts or a.train_retries or a.repeat_advantage
                            or a.reflect_prompt != "approach" or a.retry_context != "conversation"):
-        raise cli.UsageError(f"--retry-reward, --retry-context, --train-attempts, --train-retries, --repeat-advantage and --reflect-prompt "
-                             f"are R3's (its retry, its step and its reflection); --method {a.method} has none of them")
+        raise cli.UsageError(f"--retry-reward, --retry-context, --train-attempts, --train-retries, --repeat-advantage "
+                             f"and --reflect-prompt are R3's (its retry, its step and its reflection); --method {a.method} "
+                             "has none of them")
     if a.method == "r3" and a.warmup_steps >= a.steps:
         raise cli.UsageError(f"{said(a, 'warmup_steps')} leaves no R3 step of {said(a, 'steps')}; give fewer "
                              "--warmup-steps or more --steps")

@@ -39,6 +39,12 @@ def reward(verdict, kind: str = "binary") -> float:
     return PARTIAL_CREDIT.get(verdict.error, 0.0) if kind == "partial" else 0.0
 
 
+def copied(verdict, repeated: bool) -> bool:
+    """A failed retry that gave the failed attempt's answer again (repeated: verifiers.same_answer): what
+    --repeat-reward pays for and --repeat-advantage costs. A retry that passes is never a copy of a failure."""
+    return repeated and not verdict.correct
+
+
 def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: float | None = None,
                  attempt=None, rule: str = "verifier") -> float:
     """R3's reward for a retry. By default the verifier's (the paper, with kind binary).
@@ -52,7 +58,7 @@ def retry_reward(verdict, repeated: bool, kind: str = "binary", repeat_reward: f
     attempt. no-worse: the retry's own reward, or 0 if it is below the attempt's, so a change that trades a
     near miss for a broken rule earns nothing while a new near miss keeps its credit. repeat_reward and
     both rules are ours."""
-    if repeated and not verdict.correct and repeat_reward is not None:
+    if copied(verdict, repeated) and repeat_reward is not None:
         return repeat_reward
     earned = reward(verdict, kind)
     if rule == "progress":

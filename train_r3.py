@@ -142,16 +142,16 @@ def grpo_samples(model, tok, args, queries: list[dict], seeds: list[int]):
 
 
 def group_samples(turns, rewards: torch.Tensor, G: int, skip_flat: bool,
-                  shift: torch.Tensor | None = None) -> tuple[list, torch.Tensor]:
+                  repeat_shift: torch.Tensor | None = None) -> tuple[list, torch.Tensor]:
     """GRPO's training samples from groups of G turns and their rewards, and which groups carry signal.
     A group whose rewards are all equal has advantage 0, but its KL term still pulls toward the base and
     it counts in the normaliser, as in TRL. skip_flat (--skip-flat-groups) leaves it out (no backward pass).
-    shift (--repeat-advantage): added to each sample's advantage after the normalisation, which would cancel
-    it; a group with a nonzero shift is never skipped."""
+    repeat_shift (--repeat-advantage): added to each sample's advantage after the normalisation, which would
+    cancel it; a group with a nonzero shift is never skipped (the signal it returns stays the rewards')."""
     signal = rl.has_signal(rewards, G)
     advantages, keep = rl.group_advantages(rewards, G), signal
-    if shift is not None:
-        advantages, keep = advantages + shift, signal | (shift.view(-1, G) != 0).any(1)
+    if repeat_shift is not None:
+        advantages, keep = advantages + repeat_shift, signal | (repeat_shift.view(-1, G) != 0).any(1)
     samples = [rl.Sample(t.prompt_ids, t.ids, a.item()) for i, (t, a) in enumerate(zip(turns, advantages))
                if keep[i // G] or not skip_flat]
     return samples, signal
@@ -170,10 +170,11 @@ def train_step(model, tok, optimizer, args, cfg, queries, seeds, method: str, re
     rewards = torch.tensor([loop.retry_reward(v, rep, reward_kind, repeat_reward, b, rule)
                             for v, rep, b in zip(verdicts, info["repeat"] or [False] * len(verdicts), before)])
     G = args.group_size
-    # --repeat-advantage (ours): a failed retry that copies the failed answer costs its reflection (and itself)
-    # this much whatever its group did. A reward penalty cannot: when all G retries copy, all earn the same and
-    # the group's advantage is 0 (the copy trap, docs/self_correction.md); UFO's repeat penalty, outside the baseline
-    shift = torch.tensor([args.repeat_advantage * (rep and not v.correct) for v, rep in zip(verdicts, info["repeat"])]) \
+    # --repeat-advantage A (ours, A <= 0): added to the advantage of a reflection (and its retry) whose failed retry
+    # copied the failed answer, whatever its group did. A reward for a copy cannot do this: when all G retries copy,
+    # all earn the same and the group's advantage is 0 (the copy trap, docs/self_correction.md). UFO's repeat
+    # penalty (arXiv 2507.14295), moved outside GRPO's baseline.
+    shift = torch.tensor([args.repeat_advantage * loop.copied(v, rep) for v, rep in zip(verdicts, info["repeat"])]) \
         if method == "r3" and args.repeat_advantage else None
     samples, signal = group_samples(turns, rewards, G, args.skip_flat_groups, shift)
     if method == "r3" and args.train_retries:  # each retry with its reflection's advantage (ours; the paper
