@@ -286,8 +286,10 @@ def header(args) -> str:
     """The run's settings in one line, so a log says what made it."""
     keys = ["method", "task", "source", "model", "init_adapter", "steps", "token_budget", "batch_size", "group_size",
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
-    keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_context", "retry_reward", "repeat_reward", "repeat_advantage", "train_attempts", "train_retries", "skip_flat_groups",
-                    "warmup_steps", "warmup_reward", "refresh_failures", "solvable_k"], "grpo": ["kl_beta", "skip_flat_groups"],
+    keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_context", "retry_reward", "repeat_reward",
+                    "repeat_advantage", "train_attempts", "train_retries", "skip_flat_groups", "warmup_steps",
+                    "warmup_reward", "refresh_failures", "solvable_k"],
+             "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]
     return "run: " + " ".join(f"{k}={getattr(args, k)}" for k in keys)
