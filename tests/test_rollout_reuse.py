@@ -80,8 +80,19 @@ def test_rollout_rows_follow_their_own_seeds(tiny, monkeypatch):
     On transformers' forward, whose rows are bit-for-bit the same in any batch: decode.decode_step
     attends to the batch's common prefix apart, so a row's logits depend on its batch at the level of
     float rounding, and the tiny random model's near-uniform distribution turns that into other draws
-    (tests/test_sample.py checks decode_step's rows against transformers' within rounding)."""
+    (tests/test_sample.py checks decode_step's rows against transformers' within rounding). Bit for bit only
+    on one thread: with 2, a 4-row batch and 1-row chunks split their matmuls differently, and a retry drew another
+    token (a fresh clone on a 2-core Xeon, 2026-12-06; the SIGKILL test pins one thread for the same reason)."""
     monkeypatch.setattr(decode, "FAST_DECODE", False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_rows_follow_their_own_seeds(tiny)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_rows_follow_their_own_seeds(tiny):
     m, tok = tiny
     examples = tasks.load_examples("countdown", "test", n=4)
     convs = [tasks.first_attempt_messages("countdown", ex) for ex in examples]
