@@ -36,7 +36,7 @@
 #                           reflection and retry 0.5 of advantage after the group normalisation, so a group
 #                           whose retries all copy is no longer flat
 #       r3-anchor-retries-noworse-unstuck  r3-anchor-retries-noworse with --repeat-advantage -0.5: neither a copy nor
-#                           a made-up number after a near miss is a way out (not yet measured)
+#                           a made-up number after a near miss is a way out (2026-12-07: a third, a format error)
 #       r3-repeat0          R3 --repeat-reward 0 (the 2026-12-01 arm)
 #       r3                  R3, partial credit, the verifier's reward on the retry (the paper's retry reward)
 #       grpo                plain GRPO on first attempts, partial credit
