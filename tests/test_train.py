@@ -475,8 +475,9 @@ COPY_TABLE = [
 def test_repeat_advantage_costs_a_copy_outside_the_group_baseline(tiny_model_dir, tmp_path, monkeypatch, skip_flat):
     """--repeat-advantage -0.5 in a real train_step (--train-retries; the update mocked): a failed retry that
     repeats the failed answer, word for word or rewritten, costs its reflection and itself 0.5 of advantage on
-    top of GRPO's; a new answer or a fix costs nothing. A group whose retries all copy has equal rewards and, without the flag, advantage 0
-    (and --skip-flat-groups drops it); with it, each sample gets -0.5 and the group is trained."""
+    top of GRPO's; a new answer or a fix costs nothing. A group whose retries all copy has equal rewards and,
+    without the flag, advantage 0 (and --skip-flat-groups drops it); with it, each sample gets -0.5 and the
+    group is trained."""
     import rl
     import rollout
     import model as model_lib
