@@ -5,7 +5,8 @@
 Rows: the base model, the starting adapter, and each arm (a run directory name up to "-s<seed>", its
 seeds pooled). Every row is scored on the same held-out problems. 95% confidence intervals come from a
 bootstrap that resamples problems and, for arms with several seeds, seeds; the arm-vs-arm difference
-resamples the problems once for both arms (they saw the same problems), seeds separately.
+resamples the problems once for both arms (they saw the same problems), seeds separately. Rows with
+several seeds also get one line per seed: its fixes and breaks, and what its reflections were.
 """
 import argparse
 import json
@@ -65,7 +66,10 @@ EVALUATED = set()  # the run directories with eval results: run_metrics reads on
 
 def share(label: str, keep) -> str:
     """Of the label's failed first tries, the share for which keep(record) holds, and of how many."""
-    failed = [r for records in RECORDS[label].values() for r in records if not r["t1"]["correct"]]
+    return share_of([r for records in RECORDS[label].values() for r in records if not r["t1"]["correct"]], keep)
+
+
+def share_of(failed: list[dict], keep) -> str:
     return f"{100.0 * sum(map(keep, failed)) / len(failed):.0f}% of {len(failed)}" if failed else "—"
 
 
@@ -80,6 +84,11 @@ def new_candidate(task: str):
         key = verifiers.answer_key(task, text, loose=True)
         return key is not None and key != verifiers.answer_key(task, r["t1"]["text"], loose=True)
     return keep
+
+
+def holds_answer(task: str):
+    """Does the reflection hold an answer at all (the first try's again or another), not only words?"""
+    return lambda r: verifiers.answer_key(task, (r.get("reflection") or {}).get("text", ""), loose=True) is not None
 
 
 def sample_row(r: dict, seed: int | None = None) -> str:
@@ -189,6 +198,15 @@ def main(argv=None):
               "countdown, a tag or a bare expression) other than the first try's. \"fixes per seed\": the problems "
               "wrong at the first try and right at the second, seed by seed. \"sampled tokens\": the "
               "training run's, mean over seeds (R3: failure sets included).", ""]
+    several = [label for label in order if len(rows[label]) > 1]
+    if several:
+        lines += ["Seed by seed (rows with several seeds): whether the gain comes from every seed, and what the "
+                  "reflections of a seed that fixed nothing look like. Reflection columns: over the failed first "
+                  "tries.", "", "| row | seed | acc@t1 | acc@t2 | fixes | breaks | reflection holds an "
+                  "answer | reflection tokens (mean) | retry a format error |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [per_seed_row(label, seed, rows[label][seed], ids)
+                  for label in several for seed in sorted(rows[label])]
+        lines += [""]
     for label in [x for x in dict.fromkeys(x for pair in pairs for x in pair) if x in rows]:
         lines += [f"Samples, {label} (seed {min(RECORDS[label])}), the first failed first tries:", "",
                   "| problem | first try | reflection | retry |", "|---|---|---|---|", *samples(label), ""]
@@ -205,6 +223,20 @@ def main(argv=None):
 def fixes_per_seed(seeds: dict[int, dict], ids: list[str]) -> str:
     """Δ i→c as counts, seed by seed ("6 / 0 / 3"): whether the arm's fixes come from every seed or a few."""
     return " / ".join(str(sum(not seeds[s][i][0] and seeds[s][i][1] for i in ids)) for s in sorted(seeds))
+
+
+def per_seed_row(label: str, seed: int, outcomes: dict[str, tuple[bool, bool]], ids: list[str]) -> str:
+    """One seed of a row: its accuracies, fixes and breaks, and what its reflections and retries were."""
+    pct = lambda k: 100.0 * k / len(ids)  # noqa: E731
+    common = set(ids)
+    failed = [r for r in RECORDS[label][seed] if not r["t1"]["correct"] and r["id"] in common]
+    tokens = [(r.get("reflection") or {}).get("tokens", 0) for r in failed]
+    fixed = sum(not outcomes[i][0] and outcomes[i][1] for i in ids)
+    broken = sum(outcomes[i][0] and not outcomes[i][1] for i in ids)
+    return (f"| {label} | {seed} | {pct(sum(outcomes[i][0] for i in ids)):.1f} | "
+            f"{pct(sum(outcomes[i][1] for i in ids)):.1f} | {fixed} | {broken} | "
+            f"{share_of(failed, holds_answer(TASK[label]))} | {sum(tokens) / len(tokens) if tokens else 0:.1f} | "
+            f"{share_of(failed, lambda r: r['t2']['error'] == 'format')} |")
 
 
 def run_metrics(runs: Path) -> dict[str, list[list[dict]]]:

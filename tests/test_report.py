@@ -16,7 +16,7 @@ def write_eval(evals, name, adapter, outcomes):
                                                      "text": "<answer> 1 + 2 </answer>"},
                                  "t2": {"correct": t2, "error": None if t2 else "format",
                                         "text": "<answer> 1 + 2 </answer>" if not t2 else "<answer> 3 </answer>"},
-                                 "reflection": None if t1 else {"text": "use * instead"}}))
+                                 "reflection": None if t1 else {"text": "use * instead", "tokens": 4}}))
     (evals / f"results-{name}.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -38,7 +38,8 @@ def test_table_rows_intervals_and_the_arm_difference(tmp_path):
         write_eval(evals, f"g{s}", str(runs / f"grpo-s{s}/ckpt-000001/adapter"), [(i < 20, i < 20) for i in range(n)])
     report.main(["--evals", str(evals), "--runs", str(runs), "--out", str(tmp_path / "out"), "--bootstrap", "300"])
     table = (tmp_path / "out.md").read_text()
-    rows = {line.split(" | ")[0].strip("| "): line for line in table.splitlines() if line.startswith("| ")}
+    rows = {line.split(" | ")[0].strip("| "): line for line in table.split("Seed by seed")[0].splitlines()
+            if line.startswith("| ")}
     assert rows["base model"].startswith("| base model | 1 | 0.0 [0.0, 0.0] | 0.0 [0.0, 0.0]")
     assert "| r3 | 2 | 10.0 [" in rows["r3"] and "| 40.0 [" in rows["r3"] and "| 30.0 [" in rows["r3"]
     assert rows["grpo"].split(" | ")[3].startswith("10.0 [")
@@ -52,6 +53,11 @@ def test_table_rows_intervals_and_the_arm_difference(tmp_path):
     fixes = table.split("Fixes, r3:")[1].split("\n\n")[1].splitlines()[2:]
     assert len(fixes) == 8 and fixes[0].startswith("| p20 (seed 1) | <answer> 1 + 2 </answer> (missed_target)")
     assert fixes[0].endswith("| <answer> 3 </answer> (right) |") and "Fixes, grpo" not in table
+    # seed by seed, rows with several seeds only: each r3 seed fixed 60 and broke none; of its 180 failed first
+    # tries the 120 still wrong at the second try were format errors, and no reflection held an answer
+    assert "| r3 | 1 | 10.0 | 40.0 | 60 | 0 | 0% of 180 | 4.0 | 67% of 180 |" in table
+    assert "| r3 | 2 | 10.0 | 40.0 | 60 | 0 |" in table and "| grpo | 2 | 10.0 | 10.0 | 0 | 0 |" in table
+    assert "| start | 0 |" not in table and "| base model | 0 |" not in table
 
 
 def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path, capsys):
@@ -79,6 +85,9 @@ def test_repeat_and_new_candidate_columns_and_several_pairs(tmp_path, capsys):
     table = (tmp_path / "out.md").read_text()
     row = next(line for line in table.splitlines() if line.startswith("| a | "))
     assert row.split(" | ")[7:10] == ["25% of 4", "50% of 4", "25% of 4"]
+    # an answer in the reflection, new or the first try's again ("try 1 * 2", "it was 1 + 2"), or only words
+    assert [report.holds_answer("countdown")({"reflection": {"text": t}}) for t in reflections] == \
+        [True, True, False, False] and not report.holds_answer("countdown")({"reflection": None})
     assert "a − b, acc@t2: +0.0 points" in table and "b − a, acc@t2: +0.0 points" in table
     # training: a's retries passed 25% of the time against 75% for fresh first tries of the same queries
     assert "| a | 2 | 25.0% | 75.0% | 25% |" in table and "| b | " not in table.split("Training, R3 steps")[1]
@@ -123,3 +132,19 @@ def test_a_row_evaluated_twice_counts_once_from_its_newest_file(tmp_path, capsys
     assert sum(t1 for t1, _ in rows["grpo"][1].values()) == 5
     assert len(rows["base model"][0]) == 4 and len(report.RECORDS["base model"][0]) == 4
     assert "using results-aa-new.jsonl" in capsys.readouterr().out
+
+
+def test_per_seed_row_counts_fixes_breaks_and_what_the_failed_first_tries_led_to():
+    """p0 right then broken, p1 fixed after a reflection holding an answer, p2 still wrong after words."""
+    def record(i, t1, t2, error, reflection, tokens):
+        return {"id": f"p{i}", "t1": {"correct": t1, "text": "<answer> 1 + 2 </answer>"},
+                "t2": {"correct": t2, "error": error, "text": ""}, "reflection": {"text": reflection, "tokens": tokens}}
+    report.RECORDS["x"], report.TASK["x"] = {3: [record(0, True, False, "missed_target", "", 0),
+                                                record(1, False, True, None, "<answer> 2 + 1 </answer>", 10),
+                                                record(2, False, False, "format", "no idea", 30)]}, "countdown"
+    outcomes = {"p0": (True, False), "p1": (False, True), "p2": (False, False)}
+    assert report.per_seed_row("x", 3, outcomes, ["p0", "p1", "p2"]) == \
+        "| x | 3 | 33.3 | 33.3 | 1 | 1 | 50% of 2 | 20.0 | 50% of 2 |"
+    # a problem outside the common set (another row lacks it) is left out of every column
+    assert report.per_seed_row("x", 3, outcomes, ["p0", "p1"]) == \
+        "| x | 3 | 50.0 | 50.0 | 1 | 1 | 100% of 1 | 10.0 | 0% of 1 |"
