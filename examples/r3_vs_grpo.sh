@@ -37,8 +37,8 @@
 #                           whose retries all copy is no longer flat
 #       r3-anchor-retries-noworse-unstuck  r3-anchor-retries-noworse with --repeat-advantage -0.5: neither a copy nor
 #                           a made-up number after a near miss is a way out (2026-12-07: a third, a format error)
-#       r3-anchor-retries-noworse-unstuck-candidate  the same with --reflect-prompt candidate: every seed that fixed
-#                           something wrote an answer as its reflection, every seed that fixed nothing wrote words
+#       r3-anchor-retries-unstuck-candidate  r3-anchor-retries-unstuck with --reflect-prompt candidate: every seed
+#                           that fixed something wrote an answer as its reflection; seed 2 of every arm wrote words
 #       r3-repeat0          R3 --repeat-reward 0 (the 2026-12-01 arm)
 #       r3                  R3, partial credit, the verifier's reward on the retry (the paper's retry reward)
 #       grpo                plain GRPO on first attempts, partial credit
@@ -103,7 +103,7 @@ flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (t
         r3-anchor-retries-noworse-t1) echo "$(flags r3-anchor-retries-noworse) --temperature 1.0" ;;
         r3-anchor-retries-unstuck) echo "$(flags r3-anchor-retries) --repeat-advantage -0.5" ;;
         r3-anchor-retries-noworse-unstuck) echo "$(flags r3-anchor-retries-noworse) --repeat-advantage -0.5" ;;
-        r3-anchor-retries-noworse-unstuck-candidate) echo "$(flags r3-anchor-retries-noworse-unstuck) --reflect-prompt candidate" ;;
+        r3-anchor-retries-unstuck-candidate) echo "$(flags r3-anchor-retries-unstuck) --reflect-prompt candidate" ;;
         r3-repeat0)         echo "$R3 --repeat-reward 0 --no-train-attempts" ;;
         r3)                 echo "$R3 --repeat-reward none --no-train-attempts" ;;  # the paper's R3 step
         grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
@@ -124,5 +124,5 @@ for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now,
         echo "train $OUT/rerest --method rerest --init-adapter $OUT/start --train-size 32 --k 4 --sft-epochs 3 --seed 1 && evaluate --adapter $OUT/rerest"
     fi
 } | parallel
-python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-anchor-note-candidate,r3-anchor-retries,r3-anchor-retries-noworse,r3-anchor-retries-noworse-t1,r3-anchor-retries-unstuck,r3-anchor-retries-noworse-unstuck,r3-anchor-retries-noworse-unstuck-candidate,r3-repeat0,r3,grpo,score,rerest" \
+python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-anchor-note-candidate,r3-anchor-retries,r3-anchor-retries-noworse,r3-anchor-retries-noworse-t1,r3-anchor-retries-unstuck,r3-anchor-retries-unstuck-candidate,r3-anchor-retries-noworse-unstuck,r3-repeat0,r3,grpo,score,rerest" \
     --compare "${COMPARE:-r3-anchor-repeat0,grpo;r3-anchor-repeat0,r3;r3,grpo}" ${CURVES:+--curves "$CURVES"}
