@@ -38,7 +38,7 @@
 #       r3-anchor-retries-noworse-unstuck  r3-anchor-retries-noworse with --repeat-advantage -0.5: neither a copy nor
 #                           a made-up number after a near miss is a way out (2026-12-07: a third, a format error)
 #       r3-anchor-retries-unstuck-candidate  r3-anchor-retries-unstuck with --reflect-prompt candidate: every seed
-#                           that fixed something wrote an answer as its reflection; seed 2 of every arm wrote words
+#                           that fixed something wrote an answer as its reflection (2026-12-07 pilot, seed 2: 0 fixes)
 #       r3-repeat0          R3 --repeat-reward 0 (the 2026-12-01 arm)
 #       r3                  R3, partial credit, the verifier's reward on the retry (the paper's retry reward)
 #       grpo                plain GRPO on first attempts, partial credit
