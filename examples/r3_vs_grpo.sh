@@ -82,7 +82,6 @@ evaluate() {  # evaluate [--adapter RUN] [FLAGS]: eval.py skips the examples it 
 export -f train evaluate
 parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }  # each stdin line a command, JOBS at a time
 
-train "$OUT/start" --method grpo --steps 10 --seed 0
 R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 --steps 1000 --token-budget $BUDGET"
 flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (the embedded recipe sets two)
     case $1 in
@@ -110,7 +109,9 @@ flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (t
         *) echo "examples/r3_vs_grpo.sh: unknown arm '$1' in ARMS" >&2; exit 2 ;;
     esac
 }
-for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now, not after an hour
+for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now, before any training
+
+train "$OUT/start" --method grpo --steps 10 --seed 0
 # One queue, seed by seed (a run is evaluated as soon as it is trained), so a stopped script leaves whole
 # seeds behind; rerun it to continue.
 {   for s in $SEEDS; do

@@ -932,3 +932,12 @@ def test_datasets_from_an_unreachable_hub_fail_at_once(no_network, capsys):
     with pytest.raises(cli.UsageError, match="cannot be reached"):
         tasks.load_examples("countdown", "train", source="someone/no-such-dataset")
     assert time.perf_counter() - t0 < 5
+
+
+def test_the_experiment_script_rejects_an_unknown_arm_before_it_trains_anything(tmp_path):
+    """examples/r3_vs_grpo.sh checks ARMS first: it used to train the shared start adapter (4 min) and then fail."""
+    env = {**os.environ, "ARMS": "grpo nope", "OUT": str(tmp_path / "runs"), "EVALS": str(tmp_path / "evals")}
+    done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == "examples/r3_vs_grpo.sh: unknown arm 'nope' in ARMS"
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "evals").exists()
