@@ -222,7 +222,12 @@ def main(argv=None):
 
 def fixes_per_seed(seeds: dict[int, dict], ids: list[str]) -> str:
     """Δ i→c as counts, seed by seed ("6 / 0 / 3"): whether the arm's fixes come from every seed or a few."""
-    return " / ".join(str(sum(not seeds[s][i][0] and seeds[s][i][1] for i in ids)) for s in sorted(seeds))
+    return " / ".join(str(count_fixes(seeds[s], ids)) for s in sorted(seeds))
+
+
+def count_fixes(outcomes: dict[str, tuple[bool, bool]], ids: list[str]) -> int:
+    """One seed's problems wrong at the first try and right at the second."""
+    return sum(not outcomes[i][0] and outcomes[i][1] for i in ids)
 
 
 def per_seed_row(label: str, seed: int, outcomes: dict[str, tuple[bool, bool]], ids: list[str]) -> str:
@@ -231,7 +236,7 @@ def per_seed_row(label: str, seed: int, outcomes: dict[str, tuple[bool, bool]], 
     common = set(ids)
     failed = [r for r in RECORDS[label][seed] if not r["t1"]["correct"] and r["id"] in common]
     tokens = [(r.get("reflection") or {}).get("tokens", 0) for r in failed]
-    fixed = sum(not outcomes[i][0] and outcomes[i][1] for i in ids)
+    fixed = count_fixes(outcomes, ids)
     broken = sum(outcomes[i][0] and not outcomes[i][1] for i in ids)
     return (f"| {label} | {seed} | {pct(sum(outcomes[i][0] for i in ids)):.1f} | "
             f"{pct(sum(outcomes[i][1] for i in ids)):.1f} | {fixed} | {broken} | "
