@@ -29,7 +29,8 @@ EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "rew
                       # R3 only: a repeated answer earns 0, and the first try trains beside the reflection
                       # (the 2026-12-02 experiment, docs/self_correction.md)
                       "repeat_reward": 0.0, "train_attempts": True}
-R3_ONLY = {"warmup_steps", "refresh_failures", "solvable_k", "repeat_reward", "retry_reward", "train_attempts"}
+R3_ONLY = {"warmup_steps", "refresh_failures", "solvable_k", "failure_credit", "repeat_reward", "retry_reward",
+           "train_attempts"}
 # Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
 # q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
@@ -127,6 +128,10 @@ def parse_args(argv=None, description: str | None = None):
                    "the failure set and keep only the queries the policy sometimes solves (some of the K fail and some "
                    "pass: pass@K > 0), each with its first failed attempt, so a retry can succeed; the K samples count "
                    "toward --token-budget (0: one attempt, kept if it fails, as the paper; ours; docs/self_correction.md)")
+    p.add_argument("--failure-credit", type=float, default=0.0, metavar="C", help="r3: keep only the failed attempts "
+                   "whose partial credit (loop.PARTIAL_CREDIT) is at least C: on countdown 0.5 keeps the near misses "
+                   "(the given numbers, the wrong value), so a retry needs only other operators (0: every failed "
+                   "attempt, as the paper; ours; docs/self_correction.md)")
     p.add_argument("--token-budget", type=int, default=0, help="end the run after the step whose sampled tokens "
                    "bring its total to N (0: none); for comparisons at equal compute")
     p.add_argument("--steps", type=int, default=None, help="training steps (default 10; embedded model on "
@@ -212,7 +217,7 @@ limits (checked before anything loads; a broken one is one error line, exit code
   --stage1-beta-t2, --eval-size, --eval-every, --sft-epochs, --stage1-steps, --warmup-steps,
   --refresh-failures, --token-budget, --micro-batch-tokens: >= 0; --repeat-reward (r3 only): at most 1;
   --repeat-advantage (r3 only): at most 0;
-  --solvable-k (r3 only): 0 or at least 2;
+  --solvable-k (r3 only): 0 or at least 2; --failure-credit (r3 only): >= 0 and below 1 (a pass earns 1);
   r3: --warmup-steps below --steps;
   every number finite
   --eval-size 0: no eval (--eval-every is then ignored); --out-dir, --source, --model and the other
@@ -233,7 +238,7 @@ def validate(args):
     at_least_1 = ["steps", "batch_size", "group_size", "micro_batch", "updates_per_batch", "save_every",
                   "train_size", "reflect_tokens", "k"]
     non_negative = ["eval_size", "eval_every", "sft_epochs", "alpha", "beta1", "beta2", "stage1_beta_t2",
-                    "temperature", "warmup_steps", "refresh_failures", "solvable_k", "token_budget",
+                    "temperature", "warmup_steps", "refresh_failures", "solvable_k", "failure_credit", "token_budget",
                     "micro_batch_tokens"]
     optional = [("max_new_tokens", 1), ("lora_r", 1), ("lora_alpha", 1)]  # None: the per-method default
     rules = [(name, getattr(a, name), getattr(a, name) >= 1, "at least 1") for name in at_least_1]
@@ -245,15 +250,17 @@ def validate(args):
     rules += [(name, getattr(a, name), getattr(a, name) is None or getattr(a, name) >= 0, ">= 0")
               for name in ("kl_beta", "stage1_steps")]
     rules += [("repeat_advantage", a.repeat_advantage, a.repeat_advantage <= 0, "at most 0 (a copy must not gain)")]
+    rules += [("failure_credit", a.failure_credit, a.failure_credit < 1, "below 1 (a pass earns 1: no failed "
+               "attempt would be kept)")]
     rules += [("repeat_reward", a.repeat_reward, a.repeat_reward is None or a.repeat_reward <= 1, "at most 1 "
                "(a pass earns 1)")]
     cli.check_flags([("--" + name.replace("_", "-"), value, ok, want) for name, value, ok, want in rules])
     if a.group_size < 2 and rl_method:
         raise cli.UsageError(f"--group-size must be at least 2 for {a.method}: a group of one has no advantage "
                              f"(its reward minus its own mean), so nothing would be learned; got {a.group_size}")
-    if a.method != "r3" and (a.warmup_steps or a.refresh_failures or a.solvable_k):
-        raise cli.UsageError("--warmup-steps, --refresh-failures and --solvable-k are R3's (its phases and its "
-                             f"failure set); --method {a.method} has none of them")
+    if a.method != "r3" and (a.warmup_steps or a.refresh_failures or a.solvable_k or a.failure_credit):
+        raise cli.UsageError("--warmup-steps, --refresh-failures, --solvable-k and --failure-credit are R3's (its "
+                             f"phases and its failure set); --method {a.method} has none of them")
     if a.solvable_k == 1:
         raise cli.UsageError("--solvable-k must be 0 (off) or at least 2: one sample cannot both fail and pass")
     if a.method != "r3" and a.repeat_reward is not None:
@@ -288,7 +295,7 @@ def header(args) -> str:
             "lr", "lora_r", "lora_alpha", "lora_targets", "temperature", "reward", "max_new_tokens", "seed"]
     keys += {"r3": ["kl_beta", "reflect_tokens", "reflect_prompt", "retry_context", "retry_reward", "repeat_reward",
                     "repeat_advantage", "train_attempts", "train_retries", "skip_flat_groups", "warmup_steps",
-                    "warmup_reward", "refresh_failures", "solvable_k"],
+                    "warmup_reward", "refresh_failures", "solvable_k", "failure_credit"],
              "grpo": ["kl_beta", "skip_flat_groups"],
              "score": ["alpha", "beta1", "beta2", "stage1_steps", "stage1_beta_t2"],
              "rerest": ["k", "sft_epochs"]}[args.method]

@@ -11,7 +11,7 @@ for each; retry once after each reflection; reward = the verifier on the retry; 
 reflection tokens only. GRPO: sample G first attempts; reward = the verifier; GRPO on the attempts.
 Ours, not the paper's (flags; on by default only for the embedded model on countdown, config.EMBEDDED_COUNTDOWN):
 a GRPO warm-up before the R3 steps, and a failure set rebuilt as the policy improves (on the recipe), or kept to
-the queries the policy sometimes solves (--solvable-k, off by default).
+the queries the policy sometimes solves (--solvable-k) or to near misses (--failure-credit), both off by default.
 """
 import json
 import os
@@ -57,7 +57,8 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int,
     meta = {"model": args.model, "task": args.task, "source": args.source, "seed": args.seed,
             "n": len(train), "max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
             "init_adapter": args.init_adapter, "at_step": at_step,
-            **({"solvable_k": k} if k else {})}  # only when set: caches written before the flag stay valid
+            **({"solvable_k": k} if k else {}),  # only when set: caches written before the flag stay valid
+            **({"failure_credit": args.failure_credit} if args.failure_credit else {})}
     cached = read_failures(path, meta, rank)
     if cached is not None:
         return cached
@@ -70,14 +71,17 @@ def failure_dataset(model, tok, args, train: list[dict], rank: int, size: int,
     rows = []
     for j, i in enumerate(mine):
         failed = [t for t in turns[j * n:(j + 1) * n] if not t.verdict.correct]
+        # --failure-credit C: only near misses (partial credit >= C) are kept as the attempt to reflect on
+        near = [t for t in failed if loop.reward(t.verdict, "partial") >= args.failure_credit]
         # --solvable-k: a query every sample fails gives retries that almost never pass, so no reward says
         # which reflection helped; one every sample passes has no failure to reflect on
-        if failed and (not k or len(failed) < n):
-            rows.append((i, {"example": train[i], "attempt": failed[0].text}))
+        if near and (not k or len(failed) < n):
+            rows.append((i, {"example": train[i], "attempt": near[0].text}))
     rows = [row for _, row in sorted(rl.gather(rows), key=lambda r: r[0])]
     tokens = sum(rl.gather([sum(len(t.ids) for t in turns)]))
     if rank == 0:
         kept = f"both failed and passed in {k} samples (pass@{k} > 0)" if k else "first attempts failed"
+        kept += f", with partial credit >= {args.failure_credit}" if args.failure_credit else ""
         print(f"failure set after step {at_step}: {len(rows)} of {len(train)} {kept}; cached in {path}")
         tmp = path.with_suffix(".tmp")
         tmp.write_text("\n".join(json.dumps(r) for r in [{**meta, "tokens": tokens}] + rows) + "\n")
@@ -212,6 +216,10 @@ def r3_phases(model, tok, optimizer, args, cfg, train: list[dict], rank: int, si
         if at not in current:
             current.clear()  # one set in memory at a time
             current[at] = failure_dataset(model, tok, args, train, rank, size, at)
+            if not current[at][0] and args.failure_credit:
+                raise cli.UsageError(f"after step {at} no kept query had a failed attempt with partial credit >= "
+                                     f"--failure-credit {args.failure_credit}: no failures to learn from (try a "
+                                     "lower --failure-credit or a larger --train-size)")
             if not current[at][0]:
                 raise cli.UsageError(
                     f"after step {at} no query both failed and passed in --solvable-k {args.solvable_k} samples: no "
