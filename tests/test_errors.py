@@ -95,7 +95,11 @@ def steps(run_dir) -> list[int]:
     (["--reflect-prompt", "candidate"], "--reflect-prompt are R3's"),
     (["--retry-context", "reflection"], "--reflect-prompt are R3's"), (["--train-retries"], "--reflect-prompt are R3's"), (["--retry-context", "none"], "--retry-context"),
     (["--method", "r3", "--steps", "4", "--warmup-steps", "1"], "--warmup-steps 0"),  # a run's phases stay
-    (["--solvable-k", "2"], "--solvable-k are R3's"), (["--method", "r3", "--solvable-k", "-1"], "--solvable-k"),
+    (["--solvable-k", "2"], "--failure-credit are R3's"), (["--failure-credit", "0.5"], "--failure-credit are R3's"),
+    (["--method", "r3", "--failure-credit", "1"], "--failure-credit must be below 1"),
+    (["--method", "r3", "--failure-credit", "-0.5"], "--failure-credit must be >= 0"),
+    (["--method", "r3", "--failure-credit", "nan"], "--failure-credit must be a finite"),
+    (["--method", "r3", "--steps", "4", "--failure-credit", "0.5"], "--failure-credit 0.0"),  # its failure set stays (["--method", "r3", "--solvable-k", "-1"], "--solvable-k"),
     (["--method", "r3", "--solvable-k", "1"], "--solvable-k must be 0 (off) or at least 2"),
     (["--method", "r3", "--steps", "4", "--solvable-k", "2"], "--solvable-k 0"),  # its failure set stays
 ])
@@ -116,6 +120,7 @@ def test_train_flags(flags, message, finished_run, tiny_model_dir, tmp_path, cap
     (True, [], "every first attempt passed: no failures to learn from (try a harder --source)"),
     (True, ["--solvable-k", "2"], "no query both failed and passed in --solvable-k 2 samples"),
     (False, ["--solvable-k", "3"], "no query both failed and passed in --solvable-k 3 samples"),
+    (False, ["--failure-credit", "0.5"], "no kept query had a failed attempt with partial credit >= --failure-credit 0.5"),
 ])
 def test_an_empty_failure_set_is_one_line(passes, flags, message, tiny_model_dir, tmp_path, capsys, monkeypatch):
     """A failure set with nothing in it (every attempt passes, or with --solvable-k none both fails and passes)."""

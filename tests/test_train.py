@@ -332,33 +332,45 @@ def test_second_try_flags_reach_r3_steps_and_evals(tiny_model_dir, tmp_path, mon
     assert json.loads((run / "args.json").read_text())[flag] == value
 
 
-@pytest.mark.parametrize("k", [0, 3])
-def test_failure_set_keeps_the_queries_some_samples_solve(tiny_model_dir, tmp_path, monkeypatch, k):
+@pytest.mark.parametrize("k, credit", [(0, 0.0), (3, 0.0), (0, 0.5), (3, 0.25)])
+def test_failure_set_keeps_the_queries_some_samples_solve(tiny_model_dir, tmp_path, monkeypatch, k, credit):
     """--solvable-k K: K first attempts per query; a query is kept iff some of them fail and some pass, with
     its first failed attempt, and every sample's tokens count. 0: one attempt, kept iff it fails (the paper's),
-    and the cache's header is the one written before the flag existed."""
+    and the cache's header is the one written before the flag existed. --failure-credit C: the kept attempt is
+    the first failed one with partial credit >= C (missed_target 0.5, wrong_numbers 0.25), none: not kept."""
     import rollout
     import model as model_lib
     monkeypatch.setattr(tasks, "verify", scripted_verify)  # crc32 parity: about half of the samples pass
-    args = train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "run", "--solvable-k", str(k)))
+    monkeypatch.setenv("R3_SCRIPTED_PARTIAL", "1")  # the failures earn 0.5, 0.25 or 0
+    args = train_r3.parse_args(small_args(tiny_model_dir, tmp_path / "run", "--solvable-k", str(k),
+                                          "--failure-credit", str(credit), "--train-size", "24"))
     args.out_dir.mkdir()
     model, tok = model_lib.load_model(str(tiny_model_dir), lora_r=4, device="cpu")
-    train = tasks.load_examples("countdown", "train", n=12, seed=0)
+    train = tasks.load_examples("countdown", "train", n=24, seed=0)
     sampled, real = [], rollout.attempt
     monkeypatch.setattr(rollout, "attempt", lambda *a, **kw: sampled.extend(turns := real(*a, **kw)) or turns)
     rows, tokens = train_r3.failure_dataset(model, tok, args, train, 0, 1)
     n = max(k, 1)
     assert len(sampled) == n * len(train) and tokens == sum(len(t.ids) for t in sampled)
     want, dropped = [], []
+    credit_of = {"missed_target": 0.5, "wrong_numbers": 0.25}
     for i, ex in enumerate(train):
-        failed = [t.text for t in sampled[i * n:(i + 1) * n] if not t.verdict.correct]
-        kept = failed and (k == 0 or len(failed) < n)
-        (want if kept else dropped).append({"example": ex, "attempt": (failed or [""])[0]})
+        failed = [t for t in sampled[i * n:(i + 1) * n] if not t.verdict.correct]
+        near = [t.text for t in failed if credit_of.get(t.verdict.error, 0.0) >= credit]
+        kept = near and (k == 0 or len(failed) < n)
+        (want if kept else dropped).append({"example": ex, "attempt": (near or [""])[0]})
     assert rows == want and want and dropped  # the filter kept some queries and dropped others
     if k:  # queries every sample failed were dropped too, not only the ones every sample passed
         assert any(d["attempt"] for d in dropped)
+    if credit:  # a query that failed only below the credit was dropped, and a kept attempt is never below it
+        assert any(not t.verdict.correct for t in sampled) and all(
+            credit_of.get(tasks.verify("countdown", r["attempt"], r["example"]).error, 0.0) >= credit for r in rows)
+        assert len(rows) < sum(any(not t.verdict.correct for t in sampled[i * n:(i + 1) * n]) and
+                               (k == 0 or not all(not t.verdict.correct for t in sampled[i * n:(i + 1) * n]))
+                               for i in range(len(train)))
     head = json.loads((args.out_dir / "failures.jsonl").read_text().splitlines()[0])
     assert head.get("solvable_k") == (k or None) and head["tokens"] == tokens
+    assert head.get("failure_credit") == (credit or None)
     sampled.clear()
     assert train_r3.failure_dataset(model, tok, args, train, 0, 1) == (rows, tokens) and not sampled  # cached
 
