@@ -38,7 +38,11 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
         if adapter is None:
             label, seed = "base model", 0
         else:
-            run = next((p for p in Path(adapter).parents if p.parent == runs.resolve()), None)
+            # the run directory under --runs; an eval made in another checkout (unpacked from an archive, moved)
+            # matches by the runs directory's name and a run of the same name under --runs
+            run = next((p for p in Path(adapter).parents if p.parent == runs.resolve()), None) or next(
+                (p for p in Path(adapter).parents if p.parent.name == runs.resolve().name and (runs / p.name).is_dir()),
+                None)
             if run is None:
                 continue
             m = re.fullmatch(r"(.+)-s(\d+)", run.name)

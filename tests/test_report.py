@@ -148,3 +148,16 @@ def test_per_seed_row_counts_fixes_breaks_and_what_the_failed_first_tries_led_to
     # a problem outside the common set (another row lacks it) is left out of every column
     assert report.per_seed_row("x", 3, outcomes, ["p0", "p1"]) == \
         "| x | 3 | 50.0 | 50.0 | 1 | 1 | 100% of 1 | 10.0 | 0% of 1 |"
+
+
+def test_an_eval_made_in_another_checkout_finds_its_run_by_name(tmp_path):
+    """Results unpacked from an archive name their adapter by the path it had where they were made: the run
+    is matched by the runs directory's name and a run of that name here; another runs directory is not."""
+    evals, runs = tmp_path / "evals", tmp_path / "here" / "r3-vs-grpo"
+    evals.mkdir()
+    (runs / "grpo-s2" / "ckpt-000001" / "adapter").mkdir(parents=True)
+    write_eval(evals, "moved", "/elsewhere/r3-vs-grpo/grpo-s2/ckpt-000001/adapter", [(True, True)] * 3)
+    write_eval(evals, "other-dir", "/elsewhere/other-runs/grpo-s3/ckpt-000001/adapter", [(True, True)] * 3)
+    write_eval(evals, "no-such-run", "/elsewhere/r3-vs-grpo/r3-s1/ckpt-000001/adapter", [(True, True)] * 3)
+    rows = report.read_evals(evals, runs)
+    assert set(rows) == {"grpo"} and set(rows["grpo"]) == {2} and len(rows["grpo"][2]) == 3
