@@ -64,10 +64,14 @@ def test_smoke_run_learns_and_saves_a_peft_adapter(tiny_model_dir, tmp_path, mon
                                      "--train-attempts"],
                                     ["--reward", "partial", "--retry-reward", "verifier", "--repeat-reward", "0",
                                      "--repeat-advantage", "-0.5", "--train-attempts", "--train-retries",
-                                     "--warmup-steps", "2", "--refresh-failures", "2"]],
+                                     "--warmup-steps", "2", "--refresh-failures", "2"],
+                                    ["--reward", "partial", "--retry-reward", "no-worse", "--repeat-reward", "0",
+                                     "--repeat-advantage", "-0.5", "--train-attempts", "--train-retries",
+                                     "--warmup-steps", "2", "--refresh-failures", "2", "--failure-credit", "0.25",
+                                     "--train-size", "24"]],
                          ids=["r3", "phases", "repeat-reward", "progress-train-attempts", "no-worse",
-                              "repeat-advantage"])
-def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases):
+                              "repeat-advantage", "failure-credit"])
+def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, monkeypatch, phases):
     """Killed after a checkpoint at step 3-5 and resumed: the uninterrupted run's steps, rewards, failure
     sets and weights. With phases: GRPO warm-up steps 1-2, then R3 on a failure set built after step 2
     and rebuilt after step 4, so the kill lands between a set's build and its rebuild; both sets keep the
@@ -78,7 +82,9 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
     too (--train-retries).
     --retry-reward no-worse --repeat-reward -0.5 --train-attempts (the r3-anchor-noworse-penalty arm): the same.
     --repeat-advantage -0.5 with --train-attempts --train-retries (the r3-anchor-retries-unstuck arm), after two
-    warm-up steps (GRPO steps in an R3 run, which have no retry to shift): the same."""
+    warm-up steps (GRPO steps in an R3 run, which have no retry to shift): the same.
+    --failure-credit 0.25 on that (the r3-anchor-retries-nearmiss arm, at 0.25 so that 24 scripted queries
+    leave near misses): the same, and both failure sets hold only attempts with partial credit."""
     steps = ["--steps", "6", "--save-every", "1", "--eval-every", "0", *phases]
     # Bitwise-equal runs across processes need single-threaded CPU kernels: with 2 threads, two
     # uninterrupted runs were seen to drift apart by rounding within a few steps at this learning rate.
@@ -134,6 +140,12 @@ def test_sigkill_then_resume_continues_exactly(tiny_model_dir, tmp_path, phases)
         sets = sorted(p.name for p in straight.glob("failures*.jsonl"))
         assert sets == ["failures-step000002.jsonl", "failures-step000004.jsonl"]
         assert all((killed / name).read_text() == (straight / name).read_text() for name in sets)
+    if "--failure-credit" in phases:  # each set holds near misses only (scripted: missed_target or wrong_numbers)
+        monkeypatch.setenv("R3_SCRIPTED_PARTIAL", "1")  # the runs' verdicts, read here
+        for name in sets:
+            rows = [json.loads(line) for line in (straight / name).read_text().splitlines()[1:]]
+            assert rows and all(scripted_verify("countdown", r["attempt"], r["example"]).error in
+                                ("missed_target", "wrong_numbers") for r in rows)
     a, b = adapter_weights(killed), adapter_weights(straight)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
