@@ -3,7 +3,7 @@
 # the paper, and plain GRPO at equal compute on the embedded model (docs/self_correction.md; table in
 # docs/r3_vs_grpo.md).
 #  1. start: one shared starting adapter, 10 GRPO steps with partial credit (the main command's warm-up).
-#  2. From it, for each seed and each arm of ARMS (default: r3-anchor-repeat0 r3 grpo), until BUDGET
+#  2. From it, for each seed and each arm of ARMS (default: r3-anchor-retries-nearmiss r3 grpo), until BUDGET
 #     sampled tokens each (R3's failure sets and --train-attempts' first attempts counted):
 #       r3-anchor-progress  R3 --retry-reward progress --train-attempts: a retry earns only its gain over the
 #                           failed attempt; GRPO on the same queries' first attempts in the same update
@@ -60,7 +60,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/r3-vs-grpo}; EVALS=${EVALS:-evals/r3-vs-grpo}; REPORT=${REPORT:-docs/r3_vs_grpo}
-SEEDS=${SEEDS:-"1 2 3"}; ARMS=${ARMS:-"r3-anchor-repeat0 r3 grpo"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}
+SEEDS=${SEEDS:-"1 2 3"}; ARMS=${ARMS:-"r3-anchor-retries-nearmiss r3 grpo"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}
 EVAL_FLAGS=${EVAL_FLAGS:-}
 CPUS=${CPUS:-$(nproc)}; THREADS=$(( CPUS / JOBS > 0 ? CPUS / JOBS : 1 ))
 export OUT EVALS BUDGET N EVAL_FLAGS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
@@ -130,4 +130,4 @@ train "$OUT/start" --method grpo --steps 10 --seed 0
     fi
 } | parallel
 python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-anchor-note-candidate,r3-anchor-retries,r3-anchor-retries-noworse,r3-anchor-retries-noworse-t1,r3-anchor-retries-unstuck,r3-anchor-retries-unstuck-candidate,r3-anchor-retries-noworse-unstuck,r3-anchor-retries-nearmiss,r3-repeat0,r3,grpo,score,rerest" \
-    --compare "${COMPARE:-r3-anchor-repeat0,grpo;r3-anchor-repeat0,r3;r3,grpo}" ${CURVES:+--curves "$CURVES"}
+    --compare "${COMPARE:-r3-anchor-retries-nearmiss,grpo;r3-anchor-retries-nearmiss,r3;r3,grpo}" ${CURVES:+--curves "$CURVES"}
