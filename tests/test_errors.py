@@ -99,7 +99,8 @@ def steps(run_dir) -> list[int]:
     (["--method", "r3", "--failure-credit", "1"], "--failure-credit must be below 1"),
     (["--method", "r3", "--failure-credit", "-0.5"], "--failure-credit must be >= 0"),
     (["--method", "r3", "--failure-credit", "nan"], "--failure-credit must be a finite"),
-    (["--method", "r3", "--steps", "4", "--failure-credit", "0.5"], "--failure-credit 0.0"),  # its failure set stays (["--method", "r3", "--solvable-k", "-1"], "--solvable-k"),
+    (["--method", "r3", "--steps", "4", "--failure-credit", "0.5"], "--failure-credit 0.0"),  # its failure set stays
+    (["--method", "r3", "--solvable-k", "-1"], "--solvable-k"),
     (["--method", "r3", "--solvable-k", "1"], "--solvable-k must be 0 (off) or at least 2"),
     (["--method", "r3", "--steps", "4", "--solvable-k", "2"], "--solvable-k 0"),  # its failure set stays
 ])
