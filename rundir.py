@@ -17,8 +17,7 @@ import torch
 from cli import UsageError, writable_dir
 
 SAME_RUN = ("task", "method", "model", "lora_r", "lora_alpha", "lora_targets",  # what --resume may not change
-            "init_adapter", "warmup_steps", "refresh_failures", "solvable_k",
-            "failure_credit")
+            "init_adapter", "warmup_steps", "refresh_failures", "solvable_k", "failure_credit")
 _HELD = {}  # lock path -> open file: the lock lives as long as the process (the OS drops it on any death)
 
 

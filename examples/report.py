@@ -31,6 +31,7 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
     rows, newest = {}, {}
     for found in (RECORDS, TASK, EVALUATED):  # what an earlier call in this process read
         found.clear()
+    here = runs.resolve()
     for path in sorted(evals.glob("results-*.jsonl"), key=lambda p: (p.stat().st_mtime, p.name)):
         lines = path.read_text().splitlines()
         config = json.loads(lines[0])["config"]
@@ -40,9 +41,8 @@ def read_evals(evals: Path, runs: Path) -> dict[str, dict[int, dict[str, tuple[b
         else:
             # the run directory under --runs; an eval made in another checkout (unpacked from an archive, moved)
             # matches by the runs directory's name and a run of the same name under --runs
-            run = next((p for p in Path(adapter).parents if p.parent == runs.resolve()), None) or next(
-                (p for p in Path(adapter).parents if p.parent.name == runs.resolve().name and (runs / p.name).is_dir()),
-                None)
+            run = next((p for p in Path(adapter).parents if p.parent == here), None) or next(
+                (p for p in Path(adapter).parents if p.parent.name == here.name and (runs / p.name).is_dir()), None)
             if run is None:
                 continue
             m = re.fullmatch(r"(.+)-s(\d+)", run.name)
