@@ -17,8 +17,10 @@ from loop import PARTIAL_CREDIT, TASK_TOKENS
 from model import DEFAULT_MODEL, LORA_TARGETS, resolve_adapter
 
 # --quick: the whole loop (failure set, reflections, retries, update, checkpoint, two-try eval) at toy size.
-QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, "eval_size": 4, "batch_size": 2,
-         "group_size": 2, "max_new_tokens": 24, "reflect_tokens": 24, "k": 2, "sft_epochs": 1, "eval_every": 2}
+# failure_credit 0: after one warm-up step, 8 queries hold no near miss (the recipe's 0.5 would leave none).
+QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "failure_credit": 0.0, "train_size": 8, "eval_size": 4,
+         "batch_size": 2, "group_size": 2, "max_new_tokens": 24, "reflect_tokens": 24, "k": 2, "sft_epochs": 1,
+         "eval_every": 2}
 # The README's main command on the embedded 135M model (`python train_r3.py --task countdown`): a recipe in
 # which R3 gets signal on a CPU (docs/deviations.md). The base model solves no Countdown problem, so no
 # retry passes and no group has signal: the easy source, a short GRPO warm-up with partial credit (a third
@@ -26,11 +28,14 @@ QUICK = {"steps": 2, "warmup_steps": 1, "refresh_failures": 0, "train_size": 8, 
 EMBEDDED_COUNTDOWN = {"source": "easy", "steps": 24, "refresh_failures": 6, "reward": "partial", "lr": 2e-4,
                       "max_new_tokens": 24, "reflect_tokens": 32, "temperature": 0.7, "eval_every": 12,
                       "micro_batch": 16,  # micro_batch: an R3 step (4 x 4) in one pass; the same gradient
-                      # R3 only: a repeated answer earns 0, and the first try trains beside the reflection
-                      # (the 2026-12-02 experiment, docs/self_correction.md)
-                      "repeat_reward": 0.0, "train_attempts": True}
+                      "micro_batch_tokens": 3072,  # but each trained retry has its own long prompt: 16 took 11.7 GB
+                      # R3 only, the arm whose second try fixes first tries (2026-12-07, docs/self_correction.md):
+                      # reflect on near misses only, train the retry beside the reflection and the first try, a
+                      # retry below its attempt earns 0, and a copy of the failed answer loses 0.5 of advantage
+                      "failure_credit": 0.5, "train_attempts": True, "train_retries": True,
+                      "retry_reward": "no-worse", "repeat_reward": 0.0, "repeat_advantage": -0.5}
 R3_ONLY = {"warmup_steps", "refresh_failures", "solvable_k", "failure_credit", "repeat_reward", "retry_reward",
-           "train_attempts"}
+           "repeat_advantage", "train_attempts", "train_retries"}
 # Per-method defaults of the flags left at None. Re-ReST's are its official code's (LoRA r 8, alpha 16 on
 # q/v, lr 3e-4); the rest are ours (the R3 paper publishes no learning rate or LoRA shape).
 METHOD_DEFAULTS = {"rerest": {"lora_r": 8, "lora_alpha": 16, "lora_targets": "qv", "lr": 3e-4},
@@ -200,13 +205,20 @@ def parse_args(argv=None, description: str | None = None):
     return args
 
 
-RECIPE = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in EMBEDDED_COUNTDOWN.items() if k not in R3_ONLY)
+def as_flags(values: dict) -> str:
+    """{"train_retries": True, "lr": 2e-4} -> "--train-retries --lr 0.0002": a preset as a user would type it."""
+    return " ".join(f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}") for k, v in values.items())
+
+
+RECIPE = as_flags({k: v for k, v in EMBEDDED_COUNTDOWN.items() if k not in R3_ONLY})
+R3_RECIPE = as_flags({k: v for k, v in EMBEDDED_COUNTDOWN.items() if k in R3_ONLY})
+# What turns the recipe's R3 choices off (the paper's R3 step), for --help and docs/deviations.md
+PAPER_R3_STEP = ("--failure-credit 0 --retry-reward verifier --repeat-reward none --repeat-advantage 0 "
+                 "--no-train-attempts --no-train-retries")
 LIMITS = textwrap.fill(f"the embedded model on countdown (--method r3 or grpo) has its own defaults for the flags "
                        f"you do not give, a recipe in which R3 gets signal on a CPU (docs/deviations.md): {RECIPE}; "
-                       f"for r3 also --warmup-steps a third of --steps, --refresh-failures {EMBEDDED_COUNTDOWN['refresh_failures']}, "
-                       "--repeat-reward 0 and --train-attempts "
-                       "(the paper's R3 step: --repeat-reward none --no-train-attempts). Any other --model keeps the "
-                       "defaults above.", 100,
+                       f"for r3 also --warmup-steps a third of --steps and {R3_RECIPE} (the paper's R3 step: "
+                       f"{PAPER_R3_STEP}). Any other --model keeps the defaults above.", 100,
                        break_on_hyphens=False) + f"""
 
 limits (checked before anything loads; a broken one is one error line, exit code 2):

@@ -10,8 +10,10 @@ R3, per step: take failed first attempts from the failure dataset; sample a grou
 for each; retry once after each reflection; reward = the verifier on the retry; GRPO on the
 reflection tokens only. GRPO: sample G first attempts; reward = the verifier; GRPO on the attempts.
 Ours, not the paper's (flags; on by default only for the embedded model on countdown, config.EMBEDDED_COUNTDOWN):
-a GRPO warm-up before the R3 steps, and a failure set rebuilt as the policy improves (on the recipe), or kept to
-the queries the policy sometimes solves (--solvable-k) or to near misses (--failure-credit), both off by default.
+a GRPO warm-up before the R3 steps; a failure set rebuilt as the policy improves and kept to near misses
+(--failure-credit); the first try and the retry trained beside the reflection (--train-attempts, --train-retries);
+a retry below its attempt earns 0 (--retry-reward no-worse) and a copied answer loses advantage
+(--repeat-advantage). Off by default: a failure set of the queries the policy sometimes solves (--solvable-k).
 """
 import json
 import os
