@@ -56,6 +56,7 @@
 #   ARMS="r3-anchor-progress r3-anchor-repeat0 r3 grpo" COMPARE="r3-anchor-repeat0,grpo;r3-anchor-progress,grpo;r3-anchor-repeat0,r3;r3,grpo" \
 #       bash examples/r3_vs_grpo.sh   # the 2026-12-02 run (its 4 arms)
 #   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 bash examples/r3_vs_grpo.sh
+#   bash examples/r3_vs_grpo.sh --flags r3   # print one arm's train_r3.py flags; nothing runs
 # COMPARE: the pairs whose differences get intervals; CURVES: the arms in the PNG (default: all).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -65,7 +66,8 @@ EVAL_FLAGS=${EVAL_FLAGS:-}
 CPUS=${CPUS:-$(nproc)}; THREADS=$(( CPUS / JOBS > 0 ? CPUS / JOBS : 1 ))
 export OUT EVALS BUDGET N EVAL_FLAGS OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export COMMON="--task countdown --source easy --reward partial --batch-size 4 --group-size 4 --train-size 64
-        --max-new-tokens 24 --reflect-tokens 32 --temperature 0.7 --lr 2e-4 --eval-every 0 --save-every 5"
+        --max-new-tokens 24 --reflect-tokens 32 --temperature 0.7 --lr 2e-4 --eval-every 0 --save-every 5
+        --micro-batch-tokens 0"  # the recipe's 3072 since 2026-12-07; every run before had none (an arm may set it)
 train() {  # train OUT_DIR FLAGS...: skipped when finished, resumed when killed; its log in OUT_DIR.log
     local out=$1; shift
     [ -e "$out/finished" ] && return
@@ -85,11 +87,14 @@ evaluate() {  # evaluate [--adapter RUN] [FLAGS]: eval.py skips the examples it 
 export -f train evaluate
 parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }  # each stdin line a command, JOBS at a time
 
-R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 --steps 1000 --token-budget $BUDGET"
-flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (the embedded recipe sets two)
+# Every R3 choice off (the paper's R3 step), then each arm's own: a flag given twice takes the later value, and
+# the embedded model's recipe (config.EMBEDDED_COUNTDOWN) fills none of them.
+R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 --steps 1000 --token-budget $BUDGET
+    --failure-credit 0 --retry-reward verifier --repeat-reward none --repeat-advantage 0 --no-train-attempts --no-train-retries"
+flags() {  # flags ARM: the arm's training flags
     case $1 in
         r3-anchor-progress) echo "$R3 --retry-reward progress --repeat-reward none --train-attempts" ;;
-        r3-anchor-repeat0)  echo "$R3 --repeat-reward 0 --train-attempts" ;;   # the recipe's since 2026-12-02
+        r3-anchor-repeat0)  echo "$R3 --repeat-reward 0 --train-attempts" ;;   # the recipe's 2026-12-02 to 12-07
         r3-anchor-candidate) echo "$R3 --repeat-reward 0 --train-attempts --reflect-prompt candidate" ;;
         r3-anchor-noworse)  echo "$R3 --retry-reward no-worse --repeat-reward 0 --train-attempts" ;;
         r3-anchor-noworse-candidate) echo "$R3 --retry-reward no-worse --repeat-reward 0 --train-attempts --reflect-prompt candidate" ;;
@@ -106,7 +111,7 @@ flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (t
         r3-anchor-retries-unstuck) echo "$(flags r3-anchor-retries) --repeat-advantage -0.5" ;;
         r3-anchor-retries-noworse-unstuck) echo "$(flags r3-anchor-retries-noworse) --repeat-advantage -0.5" ;;
         r3-anchor-retries-unstuck-candidate) echo "$(flags r3-anchor-retries-unstuck) --reflect-prompt candidate" ;;
-        r3-anchor-retries-nearmiss) echo "$(flags r3-anchor-retries-noworse-unstuck) --failure-credit 0.5" ;;
+        r3-anchor-retries-nearmiss) echo "$(flags r3-anchor-retries-noworse-unstuck) --failure-credit 0.5" ;;  # the recipe's since 2026-12-07
         r3-repeat0)         echo "$R3 --repeat-reward 0 --no-train-attempts" ;;
         r3)                 echo "$R3 --repeat-reward none --no-train-attempts" ;;  # the paper's R3 step
         grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
@@ -114,6 +119,7 @@ flags() {  # flags ARM: the arm's training flags, every R3 choice spelled out (t
     esac
 }
 for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now, before any training
+if [ "${1:-}" = "--flags" ]; then arm=$(flags "${2:?--flags ARM}"); echo $COMMON $arm; exit 0; fi  # what ARM trains with
 
 train "$OUT/start" --method grpo --steps 10 --seed 0
 # One queue, seed by seed (a run is evaluated as soon as it is trained), so a stopped script leaves whole

@@ -1,6 +1,11 @@
 """examples/report.py: the R3-vs-GRPO table from eval.py's result files, with bootstrap intervals."""
 import json
+import os
+import re
+import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT
 
@@ -161,3 +166,39 @@ def test_an_eval_made_in_another_checkout_finds_its_run_by_name(tmp_path):
     write_eval(evals, "no-such-run", "/elsewhere/r3-vs-grpo/r3-s1/ckpt-000001/adapter", [(True, True)] * 3)
     rows = report.read_evals(evals, runs)
     assert set(rows) == {"grpo"} and set(rows["grpo"]) == {2} and len(rows["grpo"][2]) == 3
+
+
+def experiment_arms() -> list[str]:
+    """The arm names of examples/r3_vs_grpo.sh's `flags` case statement."""
+    return re.findall(r"^        ([a-z0-9-]+)\)", (ROOT / "examples/r3_vs_grpo.sh").read_text(), re.M)
+
+
+@pytest.mark.parametrize("arm", experiment_arms())
+def test_an_experiment_arm_does_not_depend_on_the_embedded_recipe(arm, tmp_path, monkeypatch):
+    """Each arm spells out every R3 choice and the micro-batch cap, so its runs in docs/ are what the script
+    trains however config.EMBEDDED_COUNTDOWN changes (on 2026-12-07 it gained six R3 settings)."""
+    import config
+    import train_r3
+    (tmp_path / "start").mkdir()
+    (tmp_path / "start" / "adapter_config.json").write_text("{}")  # --init-adapter is checked at parse time
+    done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh"), "--flags", arm], capture_output=True,
+                          text=True, env={**os.environ, "OUT": str(tmp_path)}, timeout=60)
+    assert done.returncode == 0, done.stderr
+    flags = done.stdout.split()
+    assert "--method" in flags and str(tmp_path / "start") in flags
+
+    def parsed(recipe: dict) -> dict:
+        monkeypatch.setattr(config, "EMBEDDED_COUNTDOWN", recipe)
+        args = vars(train_r3.parse_args(flags))
+        args.pop("preset_flags")
+        return args
+    recipe = dict(config.EMBEDDED_COUNTDOWN)
+    without = {k: v for k, v in recipe.items() if k not in config.R3_ONLY and k != "micro_batch_tokens"}
+    without["refresh_failures"] = recipe["refresh_failures"] + 1  # --help names it: changed, not dropped
+    assert parsed(recipe) == parsed(without)
+
+
+def test_the_experiment_script_refuses_an_unknown_arm_for_flags():
+    done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh"), "--flags", "nope"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "unknown arm 'nope'" in done.stderr and not done.stdout

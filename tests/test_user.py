@@ -38,16 +38,24 @@ def test_quick_preset_fills_only_what_the_user_left_at_its_default():
     assert train_r3.parse_args([]).steps != 2  # off by default
 
 
-def test_embedded_recipe_sets_the_retry_reward_and_trained_attempts_for_r3_only():
+def test_embedded_recipe_sets_the_near_miss_arm_for_r3_only():
+    """The main command's R3 step is the arm of 2026-12-07 (docs/self_correction.md); GRPO, a Hub model and
+    the paper's flags get none of it, and --quick keeps every failed attempt (8 queries hold no near miss)."""
+    arm = {"failure_credit": 0.5, "train_attempts": True, "train_retries": True, "retry_reward": "no-worse",
+           "repeat_reward": 0.0, "repeat_advantage": -0.5}
+    off = {"failure_credit": 0.0, "train_attempts": False, "train_retries": False, "retry_reward": "verifier",
+           "repeat_reward": None, "repeat_advantage": 0.0}
+    settings = lambda a: {k: getattr(a, k) for k in arm}  # noqa: E731
     r3 = train_r3.parse_args([])
-    assert (r3.repeat_reward, r3.train_attempts, r3.retry_reward) == (0.0, True, "verifier")
-    paper = train_r3.parse_args(["--repeat-reward", "none", "--no-train-attempts"])  # the paper's R3 step
-    assert (paper.repeat_reward, paper.train_attempts) == (None, False)
-    grpo = train_r3.parse_args(["--method", "grpo"])
-    assert (grpo.repeat_reward, grpo.train_attempts) == (None, False)
-    hub = train_r3.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"])  # a Hub model keeps the paper's
-    assert (hub.repeat_reward, hub.train_attempts) == (None, False)
-    assert "repeat_reward=0.0" in config.header(r3) and "train_attempts=True" in config.header(r3)
+    assert settings(r3) == arm and r3.micro_batch_tokens == 3072
+    assert settings(train_r3.parse_args(config.PAPER_R3_STEP.split())) == off  # the paper's R3 step
+    assert settings(train_r3.parse_args(["--method", "grpo"])) == off
+    assert settings(train_r3.parse_args(["--model", "Qwen/Qwen2.5-1.5B-Instruct"])) == off  # the paper's
+    assert settings(train_r3.parse_args(["--quick"])) == {**arm, "failure_credit": 0.0}
+    assert train_r3.parse_args(["--quick", "--failure-credit", "0.25"]).failure_credit == 0.25  # a given flag wins
+    line = config.header(r3)
+    assert all(f"{k}={v}" in line for k, v in arm.items()), line
+    assert config.R3_RECIPE in config.LIMITS.replace("\n", " ")  # --help names it
 
 
 def test_progress_bar_counts_every_sampled_token(tiny, capsys, monkeypatch):
