@@ -212,7 +212,7 @@ def as_flags(values: dict) -> str:
 
 RECIPE = as_flags({k: v for k, v in EMBEDDED_COUNTDOWN.items() if k not in R3_ONLY})
 R3_RECIPE = as_flags({k: v for k, v in EMBEDDED_COUNTDOWN.items() if k in R3_ONLY})
-# What turns the recipe's R3 choices off (the paper's R3 step), for --help and docs/deviations.md
+# What turns the recipe's R3 choices off (the paper's R3 step); --help and docs/deviations.md name it
 PAPER_R3_STEP = ("--failure-credit 0 --retry-reward verifier --repeat-reward none --repeat-advantage 0 "
                  "--no-train-attempts --no-train-retries")
 LIMITS = textwrap.fill(f"the embedded model on countdown (--method r3 or grpo) has its own defaults for the flags "

@@ -56,6 +56,7 @@ def test_embedded_recipe_sets_the_near_miss_arm_for_r3_only():
     line = config.header(r3)
     assert all(f"{k}={v}" in line for k, v in arm.items()), line
     assert config.R3_RECIPE in config.LIMITS.replace("\n", " ")  # --help names it
+    assert config.PAPER_R3_STEP in (ROOT / "docs" / "deviations.md").read_text()  # and how to turn it off
 
 
 def test_progress_bar_counts_every_sampled_token(tiny, capsys, monkeypatch):
