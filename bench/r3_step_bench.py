@@ -282,6 +282,7 @@ def main(argv=None):
     own, train_argv = parse(argv)
     if own.reuse == "both":
         return compare(own, train_argv)
+    import config
     import decode
     import loop
     import rl
@@ -300,9 +301,10 @@ def main(argv=None):
         train_argv = ["--model", str(model_dir)] + train_argv
     if own.load_in_4bit:
         train_argv = ["--4bit"] + train_argv
-    # The paper's R3 step, as --before ran it (not the embedded recipe's --repeat-reward 0 --train-attempts);
+    # The paper's R3 step, as --before ran it (not the embedded recipe's R3 choices, nor its micro-batch cap);
     # flags after `--` win.
-    argv = ["--method", "r3", "--warmup-steps", "0", "--repeat-reward", "none", "--no-train-attempts"] + train_argv \
+    argv = ["--method", "r3", "--warmup-steps", "0", *config.PAPER_R3_STEP.split(), "--micro-batch-tokens", "0"] \
+        + train_argv \
         + ["--steps", str(own.warmup + own.steps), "--eval-every", "0", "--save-every", str(10**9),
            "--out-dir", os.path.join(work, "run")]
     args = train_r3.parse_args(argv)
