@@ -7,6 +7,7 @@
 #   bash examples/learning_curve.sh                 # GRPO, ~10 min on a 2-core CPU
 #   METHOD=r3 bash examples/learning_curve.sh       # R3, ~35 s a step
 set -euo pipefail
+case ${1:-} in -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac  # the header above; nothing runs
 cd "$(dirname "$0")/.."
 METHOD=${METHOD:-grpo}
 OUT=${OUT:-runs/learning-curve-$METHOD}

@@ -57,8 +57,11 @@
 #       bash examples/r3_vs_grpo.sh   # the 2026-12-02 run (its 4 arms)
 #   SEEDS="1 2 3 4 5" BUDGET=60000 N=500 bash examples/r3_vs_grpo.sh
 #   bash examples/r3_vs_grpo.sh --flags r3   # print one arm's train_r3.py flags; nothing runs
+#   bash examples/r3_vs_grpo.sh --help       # this text
 # COMPARE: the pairs whose differences get intervals; CURVES: the arms in the PNG (default: all).
 set -euo pipefail
+case ${1:-} in -h|--help) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;; esac  # the header above; nothing runs
+case ${1:-} in ""|--flags) ;; *) echo "examples/r3_vs_grpo.sh: unknown argument '$1' (settings are environment variables: see --help)" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/r3-vs-grpo}; EVALS=${EVALS:-evals/r3-vs-grpo}; REPORT=${REPORT:-docs/r3_vs_grpo}
 SEEDS=${SEEDS:-"1 2 3"}; ARMS=${ARMS:-"r3-anchor-retries-nearmiss r3 grpo"}; BUDGET=${BUDGET:-30000}; N=${N:-200}; JOBS=${JOBS:-2}; EXTRA=${EXTRA:-0}

@@ -202,3 +202,27 @@ def test_the_experiment_script_refuses_an_unknown_arm_for_flags():
     done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh"), "--flags", "nope"], capture_output=True,
                           text=True, timeout=60)
     assert done.returncode == 2 and "unknown arm 'nope'" in done.stderr and not done.stdout
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "examples").glob("*.sh")))
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_an_example_script_prints_its_header_for_help_and_runs_nothing(script, flag, tmp_path):
+    """`--help` once started the whole 2-hour experiment (2026-12-07); now it prints the script's header."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python").write_text("#!/bin/sh\necho python ran >&2\nexit 1\n")  # any training or eval would show
+    (stub / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "OUT": str(tmp_path / "out")}
+    done = subprocess.run(["bash", str(ROOT / "examples" / script), flag], capture_output=True, text=True,
+                          env=env, timeout=60)
+    header = (ROOT / "examples" / script).read_text().splitlines()[1].lstrip("# ")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines()[0] == header and "set -euo" not in done.stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_experiment_script_refuses_an_unknown_argument(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh"), "--seeds", "1"], capture_output=True,
+                          text=True, env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=60)
+    assert done.returncode == 2 and "unknown argument '--seeds'" in done.stderr and not done.stdout
+    assert len(done.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
