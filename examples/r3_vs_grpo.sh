@@ -42,6 +42,8 @@
 #       r3-anchor-retries-nearmiss  r3-anchor-retries-noworse-unstuck with --failure-credit 0.5: the failure set
 #                           holds near misses only (the given numbers, the wrong value), so every retry can pass by
 #                           changing operators, the edit every seed that fixed something learned (2026-12-07)
+#       r3-nearmiss         R3 as the paper (below) with --failure-credit 0.5 only: does the near-miss failure set
+#                           alone make retries fix, without the reward and training choices around it?
 #       r3-repeat0          R3 --repeat-reward 0 (the 2026-12-01 arm)
 #       r3                  R3, partial credit, the verifier's reward on the retry (the paper's retry reward)
 #       grpo                plain GRPO on first attempts, partial credit
@@ -115,6 +117,7 @@ flags() {  # flags ARM: the arm's training flags
         r3-anchor-retries-noworse-unstuck) echo "$(flags r3-anchor-retries-noworse) --repeat-advantage -0.5" ;;
         r3-anchor-retries-unstuck-candidate) echo "$(flags r3-anchor-retries-unstuck) --reflect-prompt candidate" ;;
         r3-anchor-retries-nearmiss) echo "$(flags r3-anchor-retries-noworse-unstuck) --failure-credit 0.5" ;;  # the recipe's since 2026-12-07
+        r3-nearmiss)        echo "$R3 --failure-credit 0.5" ;;  # the paper's R3 step on near misses only
         r3-repeat0)         echo "$R3 --repeat-reward 0 --no-train-attempts" ;;
         r3)                 echo "$R3 --repeat-reward none --no-train-attempts" ;;  # the paper's R3 step
         grpo)               echo "--method grpo --init-adapter $OUT/start --steps 1000 --token-budget $BUDGET" ;;
@@ -138,5 +141,5 @@ train "$OUT/start" --method grpo --steps 10 --seed 0
         echo "train $OUT/rerest --method rerest --init-adapter $OUT/start --train-size 32 --k 4 --sft-epochs 3 --seed 1 && evaluate --adapter $OUT/rerest"
     fi
 } | parallel
-python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-anchor-note-candidate,r3-anchor-retries,r3-anchor-retries-noworse,r3-anchor-retries-noworse-t1,r3-anchor-retries-unstuck,r3-anchor-retries-unstuck-candidate,r3-anchor-retries-noworse-unstuck,r3-anchor-retries-nearmiss,r3-repeat0,r3,grpo,score,rerest" \
+python examples/report.py --evals "$EVALS" --runs "$OUT" --out "$REPORT" --order "base model,start,r3-anchor-progress,r3-anchor-repeat0,r3-anchor-candidate,r3-anchor-noworse,r3-anchor-noworse-candidate,r3-anchor-noworse-penalty,r3-anchor-solvable,r3-anchor-solvable-pool,r3-anchor-solvable-binary,r3-anchor-b8,r3-anchor-note,r3-anchor-note-candidate,r3-anchor-retries,r3-anchor-retries-noworse,r3-anchor-retries-noworse-t1,r3-anchor-retries-unstuck,r3-anchor-retries-unstuck-candidate,r3-anchor-retries-noworse-unstuck,r3-anchor-retries-nearmiss,r3-nearmiss,r3-repeat0,r3,grpo,score,rerest" \
     --compare "${COMPARE:-r3-anchor-retries-nearmiss,grpo;r3-anchor-retries-nearmiss,r3;r3,grpo}" ${CURVES:+--curves "$CURVES"}
