@@ -96,6 +96,7 @@ parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }  # each stdin line a 
 # the embedded model's recipe (config.EMBEDDED_COUNTDOWN) fills none of them.
 R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 --steps 1000 --token-budget $BUDGET
     --failure-credit 0 --retry-reward verifier --repeat-reward none --repeat-advantage 0 --no-train-attempts --no-train-retries"
+R3=$(echo $R3)  # on one line: the queue below runs one command per line (two lines split every R3 arm, 12-07)
 flags() {  # flags ARM: the arm's training flags
     case $1 in
         r3-anchor-progress) echo "$R3 --retry-reward progress --repeat-reward none --train-attempts" ;;

@@ -226,3 +226,29 @@ def test_the_experiment_script_refuses_an_unknown_argument(tmp_path):
                           text=True, env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=60)
     assert done.returncode == 2 and "unknown argument '--seeds'" in done.stderr and not done.stdout
     assert len(done.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_experiment_script_queues_each_arm_as_one_command(tmp_path):
+    """The whole script with a stand-in `python` that records its arguments: each run gets its arm's flags and
+    its seed in one call. $R3 on two lines once split every R3 arm's queue line in two (2026-12-07): the
+    runs trained the embedded recipe at seed 0, and the shell said `--failure-credit: command not found`."""
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python").write_text('#!/bin/sh\necho "$*" >> "$CALLS"\n'
+                                 'while [ $# -gt 0 ]; do [ "$1" = --out-dir ] && mkdir -p "$2"; shift; done\n')
+    (stub / "python").chmod(0o755)
+    calls = tmp_path / "calls"
+    env = {**os.environ, "PATH": f"{stub}:{os.environ['PATH']}", "CALLS": str(calls), "OUT": str(tmp_path / "runs"),
+           "EVALS": str(tmp_path / "evals"), "REPORT": str(tmp_path / "report"), "ARMS": "r3-nearmiss grpo",
+           "SEEDS": "4", "JOBS": "1"}
+    done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh")], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and "not found" not in done.stderr, done.stderr
+    trained = {line.split("--out-dir ")[1].split()[0]: line.split() for line in calls.read_text().splitlines()
+               if line.startswith("train_r3.py")}
+    assert sorted(os.path.basename(run) for run in trained) == ["grpo-s4", "r3-nearmiss-s4", "start"]
+    for run, argv in trained.items():
+        seed = argv[len(argv) - 1 - argv[::-1].index("--seed") + 1]  # the last --seed given wins
+        assert seed == ("0" if run.endswith("start") else "4")
+    r3 = trained[str(tmp_path / "runs" / "r3-nearmiss-s4")]
+    assert r3[len(r3) - 1 - r3[::-1].index("--failure-credit") + 1] == "0.5" and "--no-train-retries" in r3
