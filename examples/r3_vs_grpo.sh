@@ -126,7 +126,8 @@ flags() {  # flags ARM: the arm's training flags
     esac
 }
 for arm in $ARMS; do flags "$arm" > /dev/null; done  # an unknown arm fails now, before any training
-if [ "${1:-}" = "--flags" ]; then arm=$(flags "${2:?--flags ARM}"); echo $COMMON $arm; exit 0; fi  # what ARM trains with
+if [ "${1:-}" = "--flags" ]; then [ -n "${2:-}" ] || { echo "examples/r3_vs_grpo.sh: --flags needs an arm (see --help)" >&2; exit 2; }
+    arm=$(flags "$2"); echo $COMMON $arm; exit 0; fi  # what ARM trains with
 
 train "$OUT/start" --method grpo --steps 10 --seed 0
 # One queue, seed by seed (a run is evaluated as soon as it is trained), so a stopped script leaves whole

@@ -221,6 +221,12 @@ def test_an_example_script_prints_its_header_for_help_and_runs_nothing(script, f
     assert not (tmp_path / "out").exists()
 
 
+def test_the_experiment_script_wants_an_arm_after_flags():
+    done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh"), "--flags"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and done.stderr == "examples/r3_vs_grpo.sh: --flags needs an arm (see --help)\n"
+
+
 def test_the_experiment_script_refuses_an_unknown_argument(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "examples/r3_vs_grpo.sh"), "--seeds", "1"], capture_output=True,
                           text=True, env={**os.environ, "OUT": str(tmp_path / "out")}, timeout=60)
