@@ -96,7 +96,6 @@ parallel() { xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'; }  # each stdin line a 
 # the embedded model's recipe (config.EMBEDDED_COUNTDOWN) fills none of them.
 R3="--method r3 --init-adapter $OUT/start --warmup-steps 0 --refresh-failures 5 --steps 1000 --token-budget $BUDGET
     --failure-credit 0 --retry-reward verifier --repeat-reward none --repeat-advantage 0 --no-train-attempts --no-train-retries"
-R3=$(echo $R3)  # on one line: the queue below runs one command per line (two lines split every R3 arm, 12-07)
 flags() {  # flags ARM: the arm's training flags
     case $1 in
         r3-anchor-progress) echo "$R3 --retry-reward progress --repeat-reward none --train-attempts" ;;
@@ -134,7 +133,8 @@ train "$OUT/start" --method grpo --steps 10 --seed 0
 # seeds behind; rerun it to continue.
 {   for s in $SEEDS; do
         for arm in $ARMS; do
-            echo "train $OUT/$arm-s$s $(flags "$arm") --seed $s && evaluate --adapter $OUT/$arm-s$s"
+            # unquoted flags: a flag list spanning lines ($R3 does) must not split the one-line command (12-07)
+            echo "train $OUT/$arm-s$s" $(flags "$arm") "--seed $s && evaluate --adapter $OUT/$arm-s$s"
         done
         if [ "$s" = "${SEEDS%% *}" ]; then echo "evaluate"; echo "evaluate --adapter $OUT/start"; fi
     done
